@@ -1,0 +1,156 @@
+"""client: a small synchronous SDK over the lawchat.v1 gRPC API (grpcio + protobuf only)."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from lawchat.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
+
+FINISH_REASONS = {
+    chat_pb2.FINISH_REASON_EOS_TOKEN: "eos",
+    chat_pb2.FINISH_REASON_MAX_TOKENS: "max_tokens",
+    chat_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
+
+Messages = str | Sequence[dict] | Sequence[tuple[str, str]]
+
+
+class LawchatError(Exception):
+    """An RPC failed. `code` is the grpc.StatusCode; `retry_after` (seconds) is set on RESOURCE_EXHAUSTED."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details, self.request_id, self.retry_after = code, details, request_id, retry_after
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str | None = None
+
+
+def to_messages(messages: Messages) -> list[chat_pb2.Message]:
+    """A plain string is one user question; else a list of {"role","content"} dicts or (role, content) pairs."""
+    if isinstance(messages, str):
+        return [chat_pb2.Message(role="user", content=messages)]
+    out = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+        out.append(chat_pb2.Message(role=role, content=content))
+    return out
+
+
+def _error(err: grpc.RpcError) -> LawchatError:
+    trailing = dict(err.trailing_metadata() or ())
+    initial = dict(err.initial_metadata() or ()) if hasattr(err, "initial_metadata") else {}
+    retry = trailing.get("retry-after-ms")
+    return LawchatError(err.code(), err.details() or "", initial.get("x-request-id"),
+                        float(retry) / 1000 if retry else None)
+
+
+class ChatStream:
+    """Iterate for text deltas; afterwards `finish_reason`, `prompt_tokens`, `completion_tokens` are set."""
+
+    def __init__(self, call):
+        self._call = call
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    @property
+    def request_id(self) -> str | None:
+        return dict(self._call.initial_metadata() or ()).get("x-request-id")
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for msg in self._call:
+                if msg.delta:
+                    yield msg.delta
+                if msg.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED:
+                    self.finish_reason = FINISH_REASONS.get(msg.finish_reason, "unknown")
+                    self.prompt_tokens = msg.usage.prompt_tokens
+                    self.completion_tokens = msg.usage.completion_tokens
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def cancel(self) -> None:
+        """Stop generation on the server (it frees the slot at once)."""
+        self._call.cancel()
+
+
+class LawchatClient:
+    """client = LawchatClient("127.0.0.1:50051"); for delta in client.chat_stream("问题"): print(delta, end="")"""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
+                 api_key: str | None = None, channel: grpc.Channel | None = None):
+        self._channel = channel or grpc.insecure_channel(target)
+        self._chat = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self.timeout = timeout
+        self.api_key = api_key
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LawchatClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _metadata(self, request_id: str | None) -> list[tuple[str, str]]:
+        md = []
+        if request_id:
+            md.append(("x-request-id", request_id))
+        if self.api_key:
+            md.append(("x-api-key", self.api_key))
+        return md
+
+    @staticmethod
+    def _request(message_type, messages: Messages, max_new_tokens, temperature, top_p, top_k, seed, stop):
+        sampling = chat_pb2.SamplingParameters()
+        if temperature is not None:
+            sampling.temperature = temperature
+        if top_p is not None:
+            sampling.top_p = top_p
+        if top_k is not None:
+            sampling.top_k = top_k
+        if seed is not None:
+            sampling.seed = seed
+        stopping = chat_pb2.StoppingCriteria(stop_sequences=list(stop or ()))
+        if max_new_tokens is not None:
+            stopping.max_new_tokens = max_new_tokens
+        return message_type(messages=to_messages(messages), sampling=sampling, stopping=stopping)
+
+    def chat_stream(self, messages: Messages, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                    top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                    stop: Sequence[str] | None = None, request_id: str | None = None,
+                    timeout: float | None = None) -> ChatStream:
+        req = self._request(chat_pb2.ChatStreamRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        call = self._chat.ChatStream(req, timeout=timeout or self.timeout, metadata=self._metadata(request_id))
+        return ChatStream(call)
+
+    def chat(self, messages: Messages, *, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+             stop: Sequence[str] | None = None, request_id: str | None = None,
+             timeout: float | None = None) -> ChatResult:
+        req = self._request(chat_pb2.ChatRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        try:
+            resp, call = self._chat.Chat.with_call(req, timeout=timeout or self.timeout,
+                                                   metadata=self._metadata(request_id))
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return ChatResult(resp.text, FINISH_REASONS.get(resp.finish_reason, "unknown"), resp.usage.prompt_tokens,
+                          resp.usage.completion_tokens, dict(call.initial_metadata() or ()).get("x-request-id"))
+
+    def status(self, timeout: float | None = None) -> dict:
+        try:
+            resp = self._admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return {f.name: getattr(resp, f.name) for f in resp.DESCRIPTOR.fields}

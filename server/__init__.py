@@ -1,0 +1,2 @@
+"""lawchat gRPC model server."""
+__version__ = "0.1.0"

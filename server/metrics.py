@@ -1,0 +1,35 @@
+"""metrics: Prometheus metrics under the lawchat_ prefix (vLLM-style names), served on /metrics."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lawchat_requests", "Finished RPCs by method and gRPC status code.",
+                                ["method", "code"], registry=r)
+        self.finished = Counter("lawchat_request_success", "Generations that ended normally, by finish reason.",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("lawchat_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("lawchat_generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("lawchat_time_to_first_token_seconds", "Time from request to first text delta.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lawchat_inter_token_latency_seconds", "Time between streamed deltas.",
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("lawchat_e2e_request_latency_seconds", "Time from request to final message.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("lawchat_requests_running", "Requests being generated now.", registry=r)
+        self.waiting = Gauge("lawchat_requests_waiting", "Requests queued for the engine.", registry=r)
+
+    def watch_engine(self, engine) -> None:
+        self.running.set_function(lambda: engine.running)
+        self.waiting.set_function(lambda: engine.waiting)
+
+    def serve_http(self, host: str, port: int):
+        """Start /metrics in a daemon thread; -> (http server, thread). Port 0 picks a free port."""
+        return start_http_server(port, addr=host, registry=self.registry)

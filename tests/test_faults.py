@@ -1,0 +1,160 @@
+"""Fault injection on a real in-process gRPC server: a slow or failing model runner around the tiny model.
+
+Cancel, deadline, overload, engine errors and shutdown must each end the RPC with the right status and
+leave the server serving (or, on shutdown, finish in-flight streams first).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from lawchat_client import LawchatClient, LawchatError
+
+from lawchat_server.app import build_app, start_app, stop_app
+from lawchat_server.config import ServerConfig
+from lawchat_server.engine.model_runner import ModelRunner
+
+QUESTION = "劳动合同法第三十九条是怎么规定的？"
+
+
+class FaultyRunner:
+    """The real runner, with a delay per decoded token and optional failures."""
+
+    def __init__(self, runner: ModelRunner, delay: float = 0.0, fail_prefills: int = 0):
+        self.inner, self.delay, self.fail_prefills = runner, delay, fail_prefills
+        self.decoded = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def prefill(self, ids):
+        if self.fail_prefills > 0:
+            self.fail_prefills -= 1
+            raise RuntimeError("CUDA out of memory (injected)")
+        return self.inner.prefill(ids)
+
+    def decode_one_token(self, token, cache):
+        time.sleep(self.delay)
+        self.decoded += 1
+        return self.inner.decode_one_token(token, cache)
+
+
+class InProcessServer:
+    """build_app + start_app on a loop in a background thread; the test talks to it with the sync SDK."""
+
+    def __init__(self, runner, **cfg):
+        self.cfg = ServerConfig(port=0, **cfg)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+        async def build_and_start():   # grpc.aio objects belong to the loop they are made on
+            app = build_app(runner, self.cfg, "tiny")
+            await start_app(app)
+            return app
+
+        self.app = self.call(build_and_start())
+        self.target = f"127.0.0.1:{self.app.port}"
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0.0):
+        self.call(stop_app(self.app, grace))
+
+    def count(self, method: str, code: str) -> float:
+        return self.app.metrics.requests.labels(method, code)._value.get()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    return ModelRunner(tiny_model, device="cpu")
+
+
+@pytest.fixture
+def slow(runner):
+    faulty = FaultyRunner(runner, delay=0.02)
+    srv = InProcessServer(faulty, max_waiting=1)
+    yield srv, faulty
+    srv.stop()
+
+
+def wait_until(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_client_cancel_stops_generation_and_frees_the_slot(slow):
+    srv, faulty = slow
+    with LawchatClient(srv.target, timeout=60) as c:
+        stream = c.chat_stream(QUESTION, max_new_tokens=400)
+        it = iter(stream)
+        next(it)
+        stream.cancel()
+        assert wait_until(lambda: srv.app.engine.running == 0)
+        stopped_at = faulty.decoded
+        time.sleep(0.3)
+        assert faulty.decoded <= stopped_at + 1          # no decoding for a client that left
+        assert stopped_at < 100
+        assert wait_until(lambda: srv.count("ChatStream", "CANCELLED") == 1)
+        assert c.chat(QUESTION, max_new_tokens=3).completion_tokens == 3
+
+
+def test_deadline_exceeded_frees_the_slot(slow):
+    srv, faulty = slow
+    with LawchatClient(srv.target) as c:
+        with pytest.raises(LawchatError) as e:
+            list(c.chat_stream(QUESTION, max_new_tokens=400, timeout=0.5))
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_until(lambda: srv.app.engine.running == 0)
+        assert wait_until(lambda: srv.count("ChatStream", "DEADLINE_EXCEEDED") == 1)
+        assert c.chat(QUESTION, max_new_tokens=2).finish_reason in ("max_tokens", "eos")
+
+
+def test_overload_gets_resource_exhausted_with_retry_after(slow):
+    srv, _ = slow
+    with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=60))       # running
+        assert wait_until(lambda: srv.app.engine.running == 1)
+        second = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=5))       # waiting (max_waiting=1)
+        assert wait_until(lambda: srv.app.engine.waiting == 1)
+        with pytest.raises(LawchatError) as e:
+            c.chat(QUESTION, max_new_tokens=5)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.value.retry_after == 1.0
+        assert first.result().completion_tokens >= 1 and second.result().completion_tokens >= 1
+
+
+def test_engine_error_is_internal_and_server_keeps_serving(runner):
+    srv = InProcessServer(FaultyRunner(runner, fail_prefills=1))
+    try:
+        with LawchatClient(srv.target, timeout=60) as c:
+            with pytest.raises(LawchatError) as e:
+                list(c.chat_stream(QUESTION, max_new_tokens=5, request_id="boom-1"))
+            assert e.value.code == grpc.StatusCode.INTERNAL
+            assert "boom-1" in e.value.details and "memory" not in e.value.details
+            assert c.chat(QUESTION, max_new_tokens=4).completion_tokens == 4
+    finally:
+        srv.stop()
+
+
+def test_shutdown_drains_in_flight_and_refuses_new(runner):
+    srv = InProcessServer(FaultyRunner(runner, delay=0.02))
+    with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=40))
+        assert wait_until(lambda: srv.app.engine.running == 1)
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30})
+        stopper.start()
+        result = in_flight.result(60)
+        assert result.finish_reason in ("max_tokens", "eos")    # the stream finished, not cut
+        stopper.join(60)
+        with pytest.raises(LawchatError) as e:
+            c.chat(QUESTION, max_new_tokens=2, timeout=5)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE

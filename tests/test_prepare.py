@@ -1,0 +1,100 @@
+"""`lawchat prepare` on real CSV files: messy rows are kept or counted, never silently lost."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lawchat_trainer.prepare import prepare
+
+BIN = Path(sys.executable).parent
+
+MESSY_CSV = (
+    "title,question,reply,is_best\n"
+    "劳动合同到期不续签有补偿吗,,\"有。劳动合同期满终止的，\n用人单位一般应当支付经济补偿。\",1\n"   # newline inside a quoted field
+    "劳动合同到期不续签有补偿吗,,\"有。劳动合同期满终止的，\n用人单位一般应当支付经济补偿。\",1\n"   # exact duplicate
+    "试用期多长,劳动合同一年的试用期多长,不得超过二个月。,1\n"                                    # question adds detail
+    "试用期多长,劳动合同一年的试用期多长,看公司规定。,0\n"                                        # not the best reply
+    "押金不退怎么办,押金不退怎么办,可以协商，也可以起诉。,0\n"                                      # question == title
+    "工资被扣了,,,0\n"                                                                           # empty reply
+    "这样合法吗,,**** *** ***,0\n"                                                               # masked reply
+    ",,只有回答没有问题,1\n"                                                                      # empty prompt
+    "多了一列,,回答,1,多余\n"                                                                      # wrong field count
+    "被辞退了,\"公司说我严重违纪，\"\"证据\"\"是考勤\",要求公司出示证据，违法解除可主张赔偿金。,1\n"  # quotes inside
+)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def all_examples(out: Path) -> list[dict]:
+    return [ex for name in ("train", "dev", "test") for ex in read_jsonl(out / f"{name}.jsonl")]
+
+
+def test_messy_csv_every_row_kept_or_counted(tmp_path):
+    src = tmp_path / "lawzhidao.csv"
+    src.write_text(MESSY_CSV, encoding="utf-8")
+    report = prepare(src, tmp_path / "out")
+
+    assert report.rows_read == 10
+    assert report.dropped == {"duplicate": 1, "not_best_reply": 1, "empty_reply": 1, "masked_reply": 1,
+                              "empty_prompt": 1, "wrong_field_count": 1}
+    assert report.kept == 4
+    saved = json.loads((tmp_path / "out" / "prepare_report.json").read_text(encoding="utf-8"))
+    assert saved["kept"] + sum(saved["dropped"].values()) == saved["rows_read"]
+
+    examples = all_examples(tmp_path / "out")
+    by_prompt = {ex["conversations"][0]["content"]: ex["conversations"][1]["content"] for ex in examples}
+    assert by_prompt["劳动合同到期不续签有补偿吗"] == "有。劳动合同期满终止的，\n用人单位一般应当支付经济补偿。"
+    assert by_prompt["劳动合同一年的试用期多长"] == "不得超过二个月。"       # question contains the title
+    assert by_prompt["押金不退怎么办"] == "可以协商，也可以起诉。"
+    assert by_prompt["被辞退了\n公司说我严重违纪，\"证据\"是考勤"].startswith("要求公司")
+    for ex in examples:
+        assert [t["role"] for t in ex["conversations"]] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("encoding", ["gbk", "utf-8-sig"])
+def test_gbk_and_bom_inputs_decode(tmp_path, encoding):
+    src = tmp_path / "in.csv"
+    src.write_bytes(MESSY_CSV.encode(encoding))
+    report = prepare(src, tmp_path / "out")
+    assert report.encoding == {"gbk": "gb18030", "utf-8-sig": "utf-8-sig"}[encoding]
+    assert report.kept == 4
+    prompts = {ex["conversations"][0]["content"] for ex in all_examples(tmp_path / "out")}
+    assert "押金不退怎么办" in prompts
+
+
+def test_split_keeps_replies_of_one_question_together(tmp_path):
+    rows = ["title,question,reply,is_best"]
+    for i in range(60):
+        rows += [f"问题{i},,回答{i}甲,0", f"问题{i},,回答{i}乙,0"]   # two replies each, no best one
+    src = tmp_path / "in.csv"
+    src.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    report = prepare(src, tmp_path / "out", dev_ratio=0.1, test_ratio=0.1)
+    assert report.kept == 120 and report.dropped == {}
+    assert report.splits == {"train": 96, "dev": 12, "test": 12}
+    prompts = {name: {ex["conversations"][0]["content"] for ex in read_jsonl(tmp_path / "out" / f"{name}.jsonl")}
+               for name in ("train", "dev", "test")}
+    assert not prompts["train"] & prompts["dev"] and not prompts["train"] & prompts["test"]
+
+
+def test_cli_exit_codes(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("title,reply\n问,答\n", encoding="utf-8")
+    r = subprocess.run([str(BIN / "lawchat"), "prepare", str(bad), str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "missing column(s) ['question', 'is_best']" in r.stderr
+
+    r = subprocess.run([str(BIN / "lawchat"), "prepare", str(tmp_path / "nope.csv"), str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+    good = tmp_path / "good.csv"
+    good.write_text(MESSY_CSV, encoding="utf-8")
+    r = subprocess.run([str(BIN / "lawchat"), "prepare", str(good), str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "10 rows read, 4 kept" in r.stderr and "masked_reply" in r.stderr

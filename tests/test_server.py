@@ -1,0 +1,183 @@
+"""A real `lawchat serve` process on loopback, driven by the SDK, the client CLI, real grpcurl and HTTP."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from lawchat.v1 import chat_pb2, chat_pb2_grpc
+from lawchat_client import LawchatClient, LawchatError
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+QUESTION = "劳动合同法第三十九条是怎么规定的？"
+SECRET = "我的身份证号是110101199003078888，请问公司能辞退我吗"
+
+
+def grpcurl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "grpcurl"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_text(server) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format; 0 when the labelled series does not exist yet."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    if labels:
+        return 0.0
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_sdk_stream_deltas_and_final_message(server):
+    with LawchatClient(server.target, timeout=60) as c:
+        stream = c.chat_stream(QUESTION, max_new_tokens=48, request_id="req-stream-1")
+        deltas = list(stream)
+        assert stream.request_id == "req-stream-1"
+        assert len(deltas) >= 2 and all(deltas)
+        assert all("\ufffd" not in d for d in deltas)
+        assert stream.finish_reason in ("eos", "max_tokens")
+        assert stream.prompt_tokens > 5 and 1 <= stream.completion_tokens <= 48
+        # greedy by default: the unary RPC gives the same text
+        whole = c.chat(QUESTION, max_new_tokens=48)
+        assert whole.text == "".join(deltas)
+        assert (whole.finish_reason, whole.completion_tokens) == (stream.finish_reason, stream.completion_tokens)
+        assert whole.request_id  # made by the server when the client sends none
+
+
+def test_max_tokens_and_stop_sequence(server):
+    with LawchatClient(server.target, timeout=60) as c:
+        r = c.chat(QUESTION, max_new_tokens=5)
+        assert (r.finish_reason, r.completion_tokens) == ("max_tokens", 5)
+        full = c.chat(QUESTION, max_new_tokens=40).text
+        assert len(full) >= 4
+        stop = full[2:4]
+        cut = c.chat(QUESTION, max_new_tokens=40, stop=[stop])
+        assert cut.finish_reason == "stop_sequence"
+        assert cut.text == full[:full.index(stop)]
+        # sampling with a seed repeats
+        a = c.chat(QUESTION, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=123).text
+        b = c.chat(QUESTION, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=123).text
+        assert a == b
+
+
+@pytest.mark.parametrize("messages,params,needle", [
+    ([], {}, "messages is empty"),
+    ([{"role": "lawyer", "content": "hi"}], {}, "role must be one of"),
+    ([{"role": "user", "content": "  "}], {}, "content is empty"),
+    ([{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}], {}, "last message"),
+    ([{"role": "user", "content": "问"}], {"temperature": 5.0}, "temperature must be in [0, 2]"),
+    ([{"role": "user", "content": "问"}], {"top_p": 0.0}, "top_p must be in (0, 1]"),
+    ([{"role": "user", "content": "问"}], {"max_new_tokens": 100000}, "max_new_tokens must be in"),
+    ([{"role": "user", "content": "问" * 3000}], {}, "this model takes at most"),
+])
+def test_bad_requests_get_invalid_argument(server, messages, params, needle):
+    with LawchatClient(server.target, timeout=30) as c:
+        with pytest.raises(LawchatError) as e:
+            list(c.chat_stream(messages, **params))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in e.value.details
+        with pytest.raises(LawchatError) as e:
+            c.chat(messages, **params)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_admin_status(server, tiny_model):
+    with LawchatClient(server.target) as c:
+        s = c.status()
+    assert s["model"] == tiny_model.name and s["device"] == "cpu" and s["dtype"] == "float32"
+    assert s["uptime_seconds"] > 0 and s["version"]
+
+
+def test_grpcurl_reflection_list_health_and_stream(server):
+    r = grpcurl("-plaintext", server.target, "list")
+    assert r.returncode == 0, r.stderr
+    services = set(r.stdout.split())
+    assert {"lawchat.v1.ChatService", "lawchat.v1.AdminService", "grpc.health.v1.Health"} <= services
+
+    r = grpcurl("-plaintext", server.target, "describe", "lawchat.v1.ChatService")
+    assert "rpc ChatStream" in r.stdout and "stream .lawchat.v1.ChatStreamResponse" in r.stdout
+
+    r = grpcurl("-plaintext", server.target, "grpc.health.v1.Health/Check")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "SERVING"
+
+    body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "stopping": {"max_new_tokens": 32}},
+                      ensure_ascii=False)
+    r = grpcurl("-plaintext", "-d", body, server.target, "lawchat.v1.ChatService/ChatStream")
+    assert r.returncode == 0, r.stderr
+    decoder, text, msgs, i = json.JSONDecoder(), r.stdout, [], 0
+    while i < len(text):                       # grpcurl prints one JSON object per message
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = decoder.raw_decode(text, i)
+        msgs.append(obj)
+    assert len(msgs) >= 2
+    assert msgs[-1]["finish_reason"] in ("FINISH_REASON_EOS_TOKEN", "FINISH_REASON_MAX_TOKENS")
+    assert msgs[-1]["usage"]["completion_tokens"] >= 1
+    assert all("finish_reason" not in m for m in msgs[:-1])
+    streamed = "".join(m.get("delta", "") for m in msgs)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in streamed)   # Chinese text came through
+
+    r = grpcurl("-plaintext", "-d", '{"messages":[]}', server.target, "lawchat.v1.ChatService/ChatStream")
+    assert r.returncode != 0 and "InvalidArgument" in r.stderr
+
+
+def test_metrics_over_http(server):
+    before = metrics_text(server)
+    with LawchatClient(server.target, timeout=60) as c:
+        n = c.chat(QUESTION, max_new_tokens=7).completion_tokens
+        with pytest.raises(LawchatError):
+            c.chat([])
+    after = metrics_text(server)
+    for code in ("OK", "INVALID_ARGUMENT"):
+        assert metric_value(after, "lawchat_requests_total", method="Chat", code=code) == \
+            metric_value(before, "lawchat_requests_total", method="Chat", code=code) + 1
+    assert metric_value(after, "lawchat_generation_tokens_total") >= \
+        metric_value(before, "lawchat_generation_tokens_total") + n
+    assert metric_value(after, "lawchat_time_to_first_token_seconds_count") >= 1
+    assert metric_value(after, "lawchat_requests_running") == 0
+
+
+def test_client_cli_streams_to_terminal(server):
+    r = subprocess.run([str(BIN / "lawchat-client"), "--target", server.target, "chat", QUESTION,
+                        "--max-new-tokens", "20", "--usage"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "finish=" in r.stderr and "completion_tokens=" in r.stderr
+    r = subprocess.run([str(BIN / "lawchat-client"), "--target", server.target, "chat", QUESTION,
+                        "--temperature", "9"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr
+
+
+def test_prompt_text_never_logged(server):
+    with LawchatClient(server.target, timeout=60) as c:
+        answer = c.chat(SECRET, max_new_tokens=8, request_id="secret-check").text
+    time.sleep(0.3)
+    log = server.log_text()
+    assert "request_id=secret-check" in log      # the request was logged ...
+    assert "110101199003078888" not in log and SECRET not in log   # ... without its text
+    assert not answer.strip() or answer.strip() not in log
+
+
+def test_sigterm_exits_cleanly_and_port_clash_is_an_error(tiny_model, tmp_path, server):
+    from conftest import start_server
+    host, port = server.target.rsplit(":", 1)
+    r = subprocess.run([str(BIN / "lawchat"), "serve", "--model", str(tiny_model), "--port", port,
+                        "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot listen" in r.stderr
+
+    own = start_server(tiny_model, tmp_path / "own.log")
+    assert own.stop() == 0
+    assert "stopped" in own.log_text()

@@ -1,0 +1,134 @@
+"""A tiny GLM-architecture base model, made offline: BPE tokenizer + GlmForCausalLM pretrained on text.
+
+The result is a normal HF model directory (config, safetensors, tokenizer with a chat template), so
+everything downstream (train, merge, serve) treats it exactly like a real ChatGLM-family checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# GLM-style turns: "<|user|>\n问题<|assistant|>\n回答<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}" + EOS + "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class ModelShape:
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 688
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 240
+    batch_size: int = 16
+    seq_len: int = 256
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    seed: int = 0
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE: any text round-trips, and rare characters really do span several tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, *ROLE_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+                                   additional_special_tokens=ROLE_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape) -> GlmForCausalLM:
+    """ChatGLM3's architecture (partial interleaved rotary, QKV bias, GQA, RMSNorm) at toy size."""
+    user_id = tokenizer.convert_tokens_to_ids("<|user|>")
+    config = GlmConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim, partial_rotary_factor=0.5,
+        attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=shape.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id, user_id], bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return GlmForCausalLM(config)
+
+
+def pack_tokens(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(model: GlmForCausalLM, stream: torch.Tensor, cfg: PretrainConfig) -> list[float]:
+    """Next-token prediction on random windows of the packed token stream; returns the loss curve."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    seq_len = min(cfg.seq_len, len(stream) - 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", mininterval=2.0)
+    for step in bar:
+        starts = [rng.randrange(0, len(stream) - seq_len) for _ in range(cfg.batch_size)]
+        batch = torch.stack([stream[s:s + seq_len] for s in starts])  # (B, T)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def make_base_model(texts_for_tokenizer: list[str], pretrain_texts: list[str], out_dir: str | Path,
+                    vocab_size: int, shape: ModelShape, cfg: PretrainConfig) -> dict:
+    """Train the tokenizer and the model, save both as one HF model dir; returns a small summary."""
+    t0 = time.time()
+    tokenizer = train_tokenizer(texts_for_tokenizer, vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(tokenizer, shape)
+    stream = pack_tokens(tokenizer, pretrain_texts)
+    losses = pretrain(model, stream, cfg)
+    out_dir = Path(out_dir)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
+            "pretrain_tokens": int(len(stream)), "first_loss": losses[0], "last_loss": losses[-1],
+            "seconds": round(time.time() - t0, 1)}

@@ -1,0 +1,112 @@
+"""`lawchat` command line: prepare → train → merge → serve, plus `demo` that builds all of it offline.
+
+Exit codes: 0 ok, 1 unexpected failure, 2 bad input (missing file, bad config, unusable data).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_SERVER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "server.yaml"
+
+
+def cmd_prepare(a) -> int:
+    from .prepare import prepare, print_report
+    report = prepare(a.csv, a.out_dir, dev_ratio=a.dev_ratio, test_ratio=a.test_ratio, seed=a.seed,
+                     keep_all_replies=a.keep_all_replies)
+    print_report(report)
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .finetune import finetune
+    final = finetune(a.data_dir, a.model_dir, a.config, output_dir=a.output_dir, resume=a.resume)
+    print(final)
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .merge import merge
+    print(merge(a.adapter_dir, a.out_dir, base=a.base))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import SAMPLE_QUESTION, build_demo, sample_answer
+    merged = build_demo(a.config, workdir=a.workdir)
+    if a.ask:
+        print(f"Q: {SAMPLE_QUESTION}\nA: {sample_answer(merged, SAMPLE_QUESTION)}")
+    print(merged)
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from lawchat_server.app import serve_from_cli
+    return serve_from_cli(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lawchat", description="lawchat: fine-tune and serve a Chinese legal assistant")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="lawzhidao-format CSV -> train/dev/test.jsonl")
+    s.add_argument("csv", help="CSV with columns title, question, reply, is_best (UTF-8, UTF-8 BOM or GBK)")
+    s.add_argument("out_dir")
+    s.add_argument("--dev-ratio", type=float, default=0.05)
+    s.add_argument("--test-ratio", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--keep-all-replies", action="store_true",
+                   help="keep non-best replies even when the title has a best one")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="LoRA fine-tune (configs/lora.yaml keys)")
+    s.add_argument("data_dir", help="directory with the prepared JSONL files")
+    s.add_argument("model_dir", help="base model directory (HF format)")
+    s.add_argument("config", help="YAML with data_config, max_input_length, max_output_length, training_args, peft_config")
+    s.add_argument("--output-dir", default=None, help="default: training_args.output_dir or runs/lora")
+    s.add_argument("--resume", action="store_true", help="resume from the last checkpoint in the output dir")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    s.add_argument("adapter_dir", help="e.g. runs/lora/final or runs/lora/checkpoint-200")
+    s.add_argument("out_dir")
+    s.add_argument("--base", default=None, help="base model dir (default: the one recorded in the adapter)")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("demo", help="build the offline demo model (tiny GLM on PRC statutes), reusing finished steps")
+    s.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG))
+    s.add_argument("--workdir", default=None, help="default: the config's workdir")
+    s.add_argument("--ask", action="store_true", help="print the demo model's answer to a sample question")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="serve a model dir over gRPC with Prometheus metrics")
+    s.add_argument("--model", required=True, help="HF causal-LM dir with a chat template (e.g. runs/demo/merged)")
+    s.add_argument("--config", default=str(DEFAULT_SERVER_CONFIG), help="server YAML (flags below override it)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--metrics-port", type=int, default=None)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    s.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .finetune import FinetuneError
+    from .merge import MergeError
+    from .prepare import PrepareError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PrepareError, FinetuneError, MergeError, FileNotFoundError, ValueError) as e:
+        print(f"lawchat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""demo: build the offline demo legal assistant, step by step, reusing every step already built.
+
+laws.db -> base/ (tokenizer + tiny GLM pretrained on statutes) -> data/lawzhidao_sample.csv
+        -> data/prepared/*.jsonl -> lora/final (PEFT adapter) -> merged/ (what `lawchat serve` loads)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import base_model, demo_corpus
+from .finetune import finetune
+from .merge import merge
+from .prepare import prepare, print_report
+
+STAMP = ".lawchat_step.json"
+SAMPLE_QUESTION = "劳动合同法第三十九条是怎么规定的？"
+
+
+def load_demo_config(path: str | Path) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    required = {"workdir", "laws", "tokenizer_corpus", "vocab_size", "model", "pretrain",
+                "questions_per_article", "seed", "finetune"}
+    missing = required - set(cfg)
+    if missing:
+        raise ValueError(f"{path}: missing keys {sorted(missing)}")
+    return cfg
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def is_built(out: Path, key: str) -> bool:
+    stamp = out / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+
+
+def mark_built(out: Path, key: str, info: dict) -> None:
+    (out / STAMP).write_text(json.dumps({"key": key, **info}, ensure_ascii=False, indent=2) + "\n")
+
+
+def log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def build_base(cfg: dict, out: Path, key: str) -> None:
+    db = demo_corpus.find_laws_db()
+    focus = demo_corpus.read_articles(db, cfg["laws"])
+    tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else demo_corpus.read_articles(db)
+    log(f"base model: tokenizer on {len(tok_articles)} articles, pretraining on {len(focus)} articles of {cfg['laws']}")
+    info = base_model.make_base_model(
+        demo_corpus.statute_lines(tok_articles), demo_corpus.statute_lines(focus), out, cfg["vocab_size"],
+        base_model.ModelShape(**cfg["model"]), base_model.PretrainConfig(**cfg["pretrain"]))
+    mark_built(out, key, info)
+    log(f"base model: {info}")
+
+
+def build_data(cfg: dict, out: Path, key: str) -> None:
+    articles = demo_corpus.read_articles(demo_corpus.find_laws_db(), cfg["laws"])
+    clean = demo_corpus.statute_rows(articles, cfg["questions_per_article"], cfg["seed"]) + demo_corpus.everyday_rows()
+    csv_path = out / "lawzhidao_sample.csv"
+    demo_corpus.write_lawzhidao_csv(clean + demo_corpus.messy_rows(clean), csv_path)
+    report = prepare(csv_path, out / "prepared", seed=cfg["seed"])
+    print_report(report)
+    mark_built(out, key, {"rows": report.rows_read, "kept": report.kept, "dropped": report.dropped})
+
+
+def build_adapter(cfg: dict, workdir: Path, out: Path, key: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lora_yaml = out / "lora.yaml"
+    lora_yaml.write_text(yaml.safe_dump(cfg["finetune"], allow_unicode=True, sort_keys=False), encoding="utf-8")
+    finetune(workdir / "data" / "prepared", workdir / "base", lora_yaml, output_dir=out)
+    mark_built(out, key, {})
+
+
+def sample_answer(model_dir: Path, question: str, max_new_tokens: int = 200) -> str:
+    """Greedy answer of a model dir to one question (a smoke check printed after the build)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Path:
+    """Build (or reuse) every step; returns the merged model dir."""
+    cfg = load_demo_config(config_path)
+    workdir = Path(workdir or cfg["workdir"])
+    everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
+    base_key = digest(cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"], cfg["pretrain"])
+    data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday)
+    adapter_key = digest(base_key, data_key, cfg["finetune"])
+    merged_key = digest(adapter_key)
+    steps = [
+        ("base", base_key, lambda out: build_base(cfg, out, base_key)),
+        ("data", data_key, lambda out: build_data(cfg, out, data_key)),
+        ("lora", adapter_key, lambda out: build_adapter(cfg, workdir, out, adapter_key)),
+        ("merged", merged_key, lambda out: (merge(workdir / "lora" / "final", out, base=workdir / "base"),
+                                            mark_built(out, merged_key, {}))),
+    ]
+    t_all = time.time()
+    for i, (name, key, build) in enumerate(steps, 1):
+        out = workdir / name
+        if is_built(out, key):
+            log(f"step {i}/{len(steps)} {name}: up to date, reused ({out})")
+            continue
+        log(f"step {i}/{len(steps)} {name}: building ...")
+        t0 = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        build(out)
+        log(f"step {i}/{len(steps)} {name}: done in {time.time() - t0:.0f} s")
+    log(f"demo model ready in {time.time() - t_all:.0f} s: {workdir / 'merged'}")
+    return workdir / "merged"

@@ -1,0 +1,169 @@
+"""train: LoRA fine-tune of a causal LM on prepared conversations (the seed's configs/lora.yaml keys).
+
+Labels: the templated prompt up to and including the assistant marker is -100; the reply and the
+final EOS are learned. Truncation is counted and reported, never silent.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+IGNORE_INDEX = -100
+
+
+class FinetuneError(Exception):
+    """Bad config or data: reported to the user with exit code 2."""
+
+
+@dataclass
+class DataConfig:
+    train_file: str = "train.jsonl"
+    val_file: str | None = "dev.jsonl"
+    test_file: str | None = "test.jsonl"
+    num_proc: int | None = None     # kept for the seed's config; tokenization here is in-process
+
+
+@dataclass
+class FinetuneConfig:
+    data_config: DataConfig = field(default_factory=DataConfig)
+    max_input_length: int = 256
+    max_output_length: int = 512
+    training_args: dict = field(default_factory=dict)
+    peft_config: dict = field(default_factory=dict)
+
+
+def load_config(path: str | Path) -> FinetuneConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"no such config: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config"}
+    unknown = set(raw) - known
+    if unknown:
+        raise FinetuneError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    data = raw.get("data_config") or {}
+    try:
+        data_config = DataConfig(**data)
+    except TypeError as e:
+        raise FinetuneError(f"{path}: data_config: {e}") from None
+    cfg = FinetuneConfig(data_config=data_config,
+                         max_input_length=int(raw.get("max_input_length", 256)),
+                         max_output_length=int(raw.get("max_output_length", 512)),
+                         training_args=dict(raw.get("training_args") or {}),
+                         peft_config=dict(raw.get("peft_config") or {}))
+    if cfg.peft_config.get("peft_type", "LORA") != "LORA":
+        raise FinetuneError(f"{path}: only peft_type LORA is supported, got {cfg.peft_config['peft_type']}")
+    return cfg
+
+
+def load_conversations(path: Path) -> list[list[dict]]:
+    """Each JSONL line is {"conversations": [{role, content}, ...]} ending with an assistant turn."""
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                conv = json.loads(line)["conversations"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FinetuneError(f"{path}:{lineno}: not a conversation line ({e})") from None
+            if not conv or conv[-1].get("role") != "assistant":
+                raise FinetuneError(f"{path}:{lineno}: the last turn must be the assistant's")
+            out.append(conv)
+    return out
+
+
+def encode_conversation(tokenizer, conv: list[dict], max_input_length: int,
+                        max_output_length: int) -> tuple[dict, bool, bool]:
+    """-> ({input_ids, labels}, prompt_truncated, reply_truncated). Loss on the final reply + EOS."""
+    prompt = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    reply_ids = tokenizer.encode(conv[-1]["content"], add_special_tokens=False)
+    prompt_truncated = len(prompt_ids) > max_input_length
+    if prompt_truncated:  # keep the end: it holds the question's tail and the assistant marker
+        prompt_ids = prompt_ids[-max_input_length:]
+    reply_truncated = len(reply_ids) + 1 > max_output_length
+    reply_ids = reply_ids[:max_output_length - 1] + [tokenizer.eos_token_id]
+    return ({"input_ids": prompt_ids + reply_ids,
+             "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids},
+            prompt_truncated, reply_truncated)
+
+
+def encode_split(tokenizer, convs: list[list[dict]], cfg: FinetuneConfig, name: str, report: dict) -> list[dict]:
+    rows, n_prompt, n_reply = [], 0, 0
+    for conv in convs:
+        row, p, r = encode_conversation(tokenizer, conv, cfg.max_input_length, cfg.max_output_length)
+        rows.append(row)
+        n_prompt += p
+        n_reply += r
+    report[name] = {"examples": len(rows), "prompt_truncated": n_prompt, "reply_truncated": n_reply}
+    if n_prompt or n_reply:
+        print(f"train: {name}: {n_prompt} prompt(s) longer than max_input_length={cfg.max_input_length} kept their "
+              f"last tokens; {n_reply} repl(y/ies) cut at max_output_length={cfg.max_output_length}", file=sys.stderr)
+    return rows
+
+
+def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Path,
+             output_dir: str | Path | None = None, resume: bool = False) -> Path:
+    """Train LoRA adapters; checkpoints go to output_dir/checkpoint-N, the final adapter to output_dir/final."""
+    import torch
+    from peft import get_peft_config, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    cfg = load_config(config_path)
+    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FinetuneError(f"{model_dir} is not a model directory (no config.json)")
+    train_path = data_dir / cfg.data_config.train_file
+    if not train_path.is_file():
+        raise FinetuneError(f"no training file {train_path}; run `lawchat prepare` first")
+    val_path = data_dir / cfg.data_config.val_file if cfg.data_config.val_file else None
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        raise FinetuneError(f"{model_dir}: the tokenizer has no chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    report: dict = {}
+    train_rows = encode_split(tokenizer, load_conversations(train_path), cfg, "train", report)
+    val_rows = (encode_split(tokenizer, load_conversations(val_path), cfg, "dev", report)
+                if val_path is not None and val_path.is_file() else [])
+
+    args = dict(cfg.training_args)
+    out = Path(output_dir or args.pop("output_dir", "runs/lora"))
+    args.pop("output_dir", None)
+    if not val_rows:  # the seed crashed on a tiny or missing dev set; here evaluation is just skipped
+        args["eval_strategy"] = "no"
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    args.setdefault("bf16", use_bf16)
+    args.setdefault("report_to", "none")
+    training_args = TrainingArguments(output_dir=str(out), **args)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32)
+    peft_model = get_peft_model(model, get_peft_config(dict(cfg.peft_config)))
+    peft_model.print_trainable_parameters()
+
+    trainer = Trainer(model=peft_model, args=training_args, train_dataset=train_rows,
+                      eval_dataset=val_rows or None,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
+    last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
+    if resume and last is None:
+        print(f"train: --resume given but no checkpoint in {out}; starting fresh", file=sys.stderr)
+    result = trainer.train(resume_from_checkpoint=last)
+
+    final = out / "final"
+    peft_model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    report["train_loss"] = result.training_loss
+    report["global_step"] = result.global_step
+    report["log_history"] = trainer.state.log_history
+    (out / "train_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return final
+
