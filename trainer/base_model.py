@@ -75,12 +75,20 @@ def build_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape) -> GlmFor
     return GlmForCausalLM(config)
 
 
-def pack_tokens(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_len: int) -> list[list[int]]:
+    """One sample per document (an article), EOS-terminated, cut at max_len tokens."""
+    return [(tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id])[:max_len] for t in texts]
+
+
+def make_batch(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> input_ids (B, T) right-padded, labels (B, T) with -100 on padding."""
+    width = max(len(d) for d in docs)
+    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(docs), width), -100, dtype=torch.long)
+    for row, d in enumerate(docs):
+        ids[row, :len(d)] = torch.tensor(d)
+        labels[row, :len(d)] = torch.tensor(d)
+    return ids, labels
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -90,21 +98,31 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(model: GlmForCausalLM, stream: torch.Tensor, cfg: PretrainConfig) -> list[float]:
-    """Next-token prediction on random windows of the packed token stream; returns the loss curve."""
+def epoch_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of documents of similar length (little padding), in random order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i] + rng.random() * 16)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pretrain(model: GlmForCausalLM, docs: list[list[int]], pad_id: int, cfg: PretrainConfig) -> list[float]:
+    """Next-token prediction, one article per sample: each article starts a sequence, so the model learns
+    to recall an article from its heading (《劳动合同法》第三十九条) rather than from its neighbours."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    seq_len = min(cfg.seq_len, len(stream) - 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
-    losses = []
+    losses: list[float] = []
+    batches: list[list[int]] = []
     bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", mininterval=2.0)
     for step in bar:
-        starts = [rng.randrange(0, len(stream) - seq_len) for _ in range(cfg.batch_size)]
-        batch = torch.stack([stream[s:s + seq_len] for s in starts])  # (B, T)
+        if not batches:
+            batches = epoch_batches([len(d) for d in docs], cfg.batch_size, rng)
+        input_ids, labels = make_batch([docs[i] for i in batches.pop()], pad_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -122,13 +140,13 @@ def make_base_model(texts_for_tokenizer: list[str], pretrain_texts: list[str], o
     tokenizer = train_tokenizer(texts_for_tokenizer, vocab_size)
     torch.manual_seed(cfg.seed)
     model = build_model(tokenizer, shape)
-    stream = pack_tokens(tokenizer, pretrain_texts)
-    losses = pretrain(model, stream, cfg)
+    docs = encode_documents(tokenizer, pretrain_texts, cfg.seq_len)
+    losses = pretrain(model, docs, tokenizer.pad_token_id, cfg)
     out_dir = Path(out_dir)
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
-            "pretrain_tokens": int(len(stream)), "first_loss": losses[0], "last_loss": losses[-1],
+            "pretrain_tokens": sum(map(len, docs)), "first_loss": losses[0], "last_loss": losses[-1],
             "seconds": round(time.time() - t0, 1)}

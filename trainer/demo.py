@@ -24,7 +24,7 @@ SAMPLE_QUESTION = "劳动合同法第三十九条是怎么规定的？"
 
 def load_demo_config(path: str | Path) -> dict:
     cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    required = {"workdir", "laws", "tokenizer_corpus", "vocab_size", "model", "pretrain",
+    required = {"workdir", "laws", "tokenizer_corpus", "vocab_size", "model", "pretrain", "pretrain_qa_per_article",
                 "questions_per_article", "seed", "finetune"}
     missing = required - set(cfg)
     if missing:
@@ -53,9 +53,14 @@ def build_base(cfg: dict, out: Path, key: str) -> None:
     db = demo_corpus.find_laws_db()
     focus = demo_corpus.read_articles(db, cfg["laws"])
     tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else demo_corpus.read_articles(db)
-    log(f"base model: tokenizer on {len(tok_articles)} articles, pretraining on {len(focus)} articles of {cfg['laws']}")
+    # forum-style Q&A with other seeds' question wording than the fine-tune set, plus the everyday Q&A
+    forum = demo_corpus.forum_lines(
+        demo_corpus.statute_rows(focus, cfg["pretrain_qa_per_article"], cfg["seed"] + 1) + demo_corpus.everyday_rows())
+    statutes = demo_corpus.statute_lines(focus)
+    log(f"base model: tokenizer on {len(tok_articles)} articles + {len(forum)} Q&A texts, pretraining on "
+        f"{len(statutes)} articles of {cfg['laws']} + {len(forum)} Q&A texts")
     info = base_model.make_base_model(
-        demo_corpus.statute_lines(tok_articles), demo_corpus.statute_lines(focus), out, cfg["vocab_size"],
+        demo_corpus.statute_lines(tok_articles) + forum, statutes + forum, out, cfg["vocab_size"],
         base_model.ModelShape(**cfg["model"]), base_model.PretrainConfig(**cfg["pretrain"]))
     mark_built(out, key, info)
     log(f"base model: {info}")
@@ -97,7 +102,8 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
     cfg = load_demo_config(config_path)
     workdir = Path(workdir or cfg["workdir"])
     everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
-    base_key = digest(cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"], cfg["pretrain"])
+    base_key = digest(cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"], cfg["pretrain"],
+                      cfg["pretrain_qa_per_article"], cfg["seed"], everyday)
     data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday)
     adapter_key = digest(base_key, data_key, cfg["finetune"])
     merged_key = digest(adapter_key)

@@ -77,13 +77,13 @@ def read_articles(db: Path, laws: list[str] | None = None) -> list[Article]:
     return out
 
 
-def statute_lines(articles: list[Article]) -> list[str]:
-    """Pretraining text: one article per line, headed by law and number."""
-    return [f"{a.heading}　{a.text}" for a in articles]
-
-
 def statute_answer(a: Article) -> str:
     return f"{a.heading}规定：{a.text}"
+
+
+def statute_lines(articles: list[Article]) -> list[str]:
+    """Pretraining text: one article per document, worded as the fine-tuned answer will begin."""
+    return [statute_answer(a) for a in articles]
 
 
 def statute_rows(articles: list[Article], per_article: int, seed: int) -> list[dict]:
@@ -94,6 +94,17 @@ def statute_rows(articles: list[Article], per_article: int, seed: int) -> list[d
             rows.append({"title": title_t.format(law=a.law, no=a.no), "question": question_t.format(law=a.law, no=a.no),
                          "reply": statute_answer(a), "is_best": "1"})
     return rows
+
+
+def forum_lines(rows: list[dict]) -> list[str]:
+    """Q&A as plain forum text ("问：…\n答：…"), the kind of web text a real base model is pretrained on.
+    It teaches the base model to copy a law and article number from a question into its answer;
+    the chat template and the assistant's role are still learned only in the fine-tune."""
+    lines = []
+    for r in rows:
+        q = r["title"] + (f"\n{r['question']}" if r.get("question") else "")
+        lines.append(f"问：{q}\n答：{r['reply']}")
+    return lines
 
 
 def everyday_rows() -> list[dict]:

