@@ -29,6 +29,18 @@ def test_detokenizer_never_splits_a_character(tiny_model):
         assert d == "" or d in TEXT
 
 
+def test_detokenizer_drops_stray_bytes_the_model_emits(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    pieces = tok.encode("龘", add_special_tokens=False)
+    assert len(pieces) == 3                                  # a rare character: three byte tokens
+    stray = pieces[-1]                                       # its last byte alone is no character
+    ids = tok.encode("劳动", add_special_tokens=False) + [stray] + tok.encode("合同", add_special_tokens=False)
+    assert "\ufffd" in tok.decode(ids)
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) == "劳动合同"
+
+
 def test_stop_sequence_matcher_holds_back_prefixes():
     m = StopSequenceMatcher(["<END>", "第四十条"])
     assert m.feed("用人单位<E") == ("用人单位", False)   # "<E" could begin "<END>"

@@ -2,6 +2,8 @@
 
 Byte-level BPE can split one Chinese character over several tokens; decoding such a prefix yields
 U+FFFD. We hold text back until the decoded tail is whole (the prefix/read offset scheme of TGI).
+A byte sequence the model got wrong (a stray continuation byte) can never become a character; its
+U+FFFD is dropped rather than shown to the user.
 """
 from __future__ import annotations
 
@@ -25,5 +27,5 @@ class IncrementalDetokenizer:
             delta = new_text[len(prefix_text):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            return delta
+            return delta.replace("\ufffd", "")
         return ""
