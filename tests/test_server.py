@@ -181,3 +181,16 @@ def test_sigterm_exits_cleanly_and_port_clash_is_an_error(tiny_model, tmp_path, 
     own = start_server(tiny_model, tmp_path / "own.log")
     assert own.stop() == 0
     assert "stopped" in own.log_text()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "/nonexistent/model"], "not a model directory"),
+    (["--model", "{model}", "--device", "cuda:7"], "CUDA is not available"),
+    (["--model", "{model}", "--dtype", "float8"], "dtype must be auto or one of"),
+])
+def test_serve_bad_arguments_exit_2(tiny_model, args, needle):
+    args = [a.replace("{model}", str(tiny_model)) for a in args]
+    r = subprocess.run([str(BIN / "lawchat"), "serve", "--port", "0", "--metrics-port", "0", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
