@@ -68,7 +68,10 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         messages = parse_messages(request)
         sampling = parse_sampling(request, self.defaults)
         max_new, stops = parse_stopping(request, self.defaults)
-        prompt_ids = self.runner.encode_chat(messages)
+        try:
+            prompt_ids = self.runner.encode_chat(messages)
+        except Exception as e:  # e.g. a real model's template that requires alternating roles
+            raise InvalidRequest(f"the model's chat template rejected the messages: {type(e).__name__}: {e}") from None
         room = self.runner.max_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
@@ -84,12 +87,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         code, last = "OK", None
         try:
             try:
-                gen_request = self._build_request(request)
-            except InvalidRequest as e:
-                code = "INVALID_ARGUMENT"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            try:
-                async for chunk in self.engine.stream(gen_request):
+                async for chunk in self.engine.stream(self._build_request(request)):
                     now = time.perf_counter()
                     if ttft is None:
                         ttft = now - t0
@@ -98,6 +96,9 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                         m.itl.observe(now - t_last)
                     t_last, last = now, chunk
                     yield chunk
+            except InvalidRequest as e:
+                code = "INVALID_ARGUMENT"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except EngineOverloaded as e:
                 code = "RESOURCE_EXHAUSTED"
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded ({e}); retry later",

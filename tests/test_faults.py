@@ -158,3 +158,27 @@ def test_shutdown_drains_in_flight_and_refuses_new(runner):
         with pytest.raises(LawchatError) as e:
             c.chat(QUESTION, max_new_tokens=2, timeout=5)
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+class StrictTemplateRunner(FaultyRunner):
+    """A model whose chat template refuses a system turn, as some real templates do."""
+
+    def encode_chat(self, messages):
+        if messages[0]["role"] == "system":
+            import jinja2
+            raise jinja2.TemplateError("System role not supported")
+        return self.inner.encode_chat(messages)
+
+
+def test_template_rejection_is_invalid_argument(runner):
+    srv = InProcessServer(StrictTemplateRunner(runner))
+    try:
+        with LawchatClient(srv.target, timeout=60) as c:
+            with pytest.raises(LawchatError) as e:
+                c.chat([("system", "你是律师"), ("user", QUESTION)], max_new_tokens=3)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "System role not supported" in e.value.details
+            assert wait_until(lambda: srv.count("Chat", "INVALID_ARGUMENT") == 1)
+            assert c.chat(QUESTION, max_new_tokens=3).completion_tokens == 3
+    finally:
+        srv.stop()
