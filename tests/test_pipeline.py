@@ -40,6 +40,8 @@ def test_labels_mask_the_prompt_and_learn_reply_and_eos(tiny_model):
 
 def test_demo_artifacts_and_merge_equals_adapter(tiny_demo):
     adapter, merged, base = tiny_demo / "lora" / "final", tiny_demo / "merged", tiny_demo / "base"
+    report = json.loads((tiny_demo / "eval" / "report.json").read_text(encoding="utf-8"))
+    assert set(report["models"]) == {str(base), str(merged)}
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert (merged / "model.safetensors").is_file()
     assert "chat_template" in (merged / "tokenizer_config.json").read_text(encoding="utf-8") or \
@@ -78,7 +80,7 @@ def test_second_build_reuses_every_step(tiny_demo, capsys):
     before = (tiny_demo / "merged" / "model.safetensors").stat().st_mtime_ns
     build_demo(TINY_CONFIG, workdir=tiny_demo)
     err = capsys.readouterr().err
-    assert err.count("up to date, reused") == 4
+    assert err.count("up to date, reused") == 5
     assert (tiny_demo / "merged" / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -94,3 +96,27 @@ def test_cli_errors_exit_2(tmp_path, tiny_demo):
     r = subprocess.run([str(BIN / "lawchat"), "merge", str(tiny_demo / "base"), str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a PEFT adapter dir" in r.stderr
+
+
+def test_scores_identical_disjoint_and_empty():
+    from lawchat_trainer.evaluate import score
+    same = score(["劳动者有下列情形之一的，用人单位可以解除劳动合同。"], ["劳动者有下列情形之一的，用人单位可以解除劳动合同。"])
+    assert (same.rouge_1, same.rouge_2, same.rouge_l, same.bleu_4) == (100.0, 100.0, 100.0, 100.0)
+    none = score(["苹果香蕉"], ["劳动合同"])
+    assert none.rouge_1 == 0.0 and none.bleu_4 < 5
+    empty = score(["", "劳动合同解除"], ["劳动合同解除", "劳动合同解除"])   # an empty answer scores 0, no crash
+    assert empty.examples == 2 and 49 < empty.rouge_1 < 51
+
+
+def test_eval_cli_on_a_tiny_split(tiny_demo, tmp_path):
+    out = tmp_path / "eval.json"
+    r = subprocess.run([str(BIN / "lawchat"), "eval", str(tiny_demo / "merged"), str(tiny_demo / "data" / "prepared"),
+                        "--compare", str(tiny_demo / "base"), "--max-new-tokens", "16", "--output", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert list(report["models"]) == [str(tiny_demo / "base"), str(tiny_demo / "merged")]
+    n_test = len((tiny_demo / "data" / "prepared" / "test.jsonl").read_text(encoding="utf-8").splitlines())
+    for s in report["models"].values():
+        assert s["examples"] == n_test < 50 and all(0 <= s[k] <= 100 for k in ("rouge_1", "rouge_l", "bleu_4"))
+    assert "| ROUGE-1 |" in r.stdout

@@ -1,4 +1,4 @@
-"""`lawchat` command line: prepare → train → merge → serve, plus `demo` that builds all of it offline.
+"""`lawchat` command line: prepare → train → eval → merge → serve, plus `demo` that builds all of it offline.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 bad input (missing file, bad config, unusable data).
 """
@@ -24,6 +24,16 @@ def cmd_train(a) -> int:
     from .finetune import finetune
     final = finetune(a.data_dir, a.model_dir, a.config, output_dir=a.output_dir, resume=a.resume)
     print(final)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate, print_report, write_report
+    report = evaluate(a.model_dir, a.data_dir, split=a.split, compare=a.compare, max_new_tokens=a.max_new_tokens,
+                      limit=a.limit, device=a.device)
+    print_report(report)
+    if a.output:
+        write_report(report, Path(a.output))
     return 0
 
 
@@ -68,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output-dir", default=None, help="default: training_args.output_dir or runs/lora")
     s.add_argument("--resume", action="store_true", help="resume from the last checkpoint in the output dir")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="ROUGE-1/2/L and BLEU-4 of greedy answers on a prepared split")
+    s.add_argument("model_dir", help="merged model dir (or any HF causal-LM dir with a chat template)")
+    s.add_argument("data_dir", help="directory with the prepared JSONL files")
+    s.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    s.add_argument("--compare", default=None, help="a second model dir scored on the same questions (e.g. the base)")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--limit", type=int, default=None, help="first N examples only")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--output", default=None, help="write the report as JSON here")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     s.add_argument("adapter_dir", help="e.g. runs/lora/final or runs/lora/checkpoint-200")

@@ -2,6 +2,7 @@
 
 laws.db -> base/ (tokenizer + tiny GLM pretrained on statutes) -> data/lawzhidao_sample.csv
         -> data/prepared/*.jsonl -> lora/final (PEFT adapter) -> merged/ (what `lawchat serve` loads)
+        -> eval/report.json (ROUGE/BLEU on the test split, base vs fine-tuned)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from . import base_model, demo_corpus
+from . import evaluate as eval_
 from .finetune import finetune
 from .merge import merge
 from .prepare import prepare, print_report
@@ -84,6 +86,13 @@ def build_adapter(cfg: dict, workdir: Path, out: Path, key: str) -> None:
     mark_built(out, key, {})
 
 
+def build_eval(workdir: Path, out: Path, key: str) -> None:
+    report = eval_.evaluate(workdir / "merged", workdir / "data" / "prepared", split="test", compare=workdir / "base")
+    eval_.print_report(report, file=sys.stderr)
+    eval_.write_report(report, out / "report.json")
+    mark_built(out, key, {})
+
+
 def sample_answer(model_dir: Path, question: str, max_new_tokens: int = 200) -> str:
     """Greedy answer of a model dir to one question (a smoke check printed after the build)."""
     import torch
@@ -113,6 +122,7 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
         ("lora", adapter_key, lambda out: build_adapter(cfg, workdir, out, adapter_key)),
         ("merged", merged_key, lambda out: (merge(workdir / "lora" / "final", out, base=workdir / "base"),
                                             mark_built(out, merged_key, {}))),
+        ("eval", merged_key, lambda out: build_eval(workdir, out, merged_key)),
     ]
     t_all = time.time()
     for i, (name, key, build) in enumerate(steps, 1):
