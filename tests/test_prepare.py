@@ -28,7 +28,7 @@ MESSY_CSV = (
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def all_examples(out: Path) -> list[dict]:
@@ -41,6 +41,7 @@ def test_messy_csv_every_row_kept_or_counted(tmp_path):
     report = prepare(src, tmp_path / "out")
 
     assert report.rows_read == 10
+    assert report.lines_read == 13        # header + 10 rows + 2 newlines inside quoted fields
     assert report.dropped == {"duplicate": 1, "not_best_reply": 1, "empty_reply": 1, "masked_reply": 1,
                               "empty_prompt": 1, "wrong_field_count": 1}
     assert report.kept == 4
@@ -55,6 +56,27 @@ def test_messy_csv_every_row_kept_or_counted(tmp_path):
     assert by_prompt["被辞退了\n公司说我严重违纪，\"证据\"是考勤"].startswith("要求公司")
     for ex in examples:
         assert [t["role"] for t in ex["conversations"]] == ["user", "assistant"]
+
+
+def test_unclosed_quote_costs_no_other_row(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("title,question,reply,is_best\n"
+                   "离职证明不给开怎么办,\"公司拖着不给,可以向劳动行政部门投诉。,1\n"     # quote never closed
+                   "加班费怎么算,,不低于工资的百分之一百五十。,1\n"
+                   "押金不退怎么办,,\"可以协商，\n也可以起诉。\",1\n"                  # a real quoted newline
+                   "年假有几天,,\"工作满一年不满十年的，年休假五天,1\n"                  # unclosed in the last-but-one field
+                   "工伤怎么认定,,向社会保险行政部门申请。,1\n"
+                   "分页符\x0c和\u2028行分隔符,,照常保留。,1\r\n", encoding="utf-8")
+    report = prepare(src, tmp_path / "out")
+    assert report.rows_read == 6 and report.repaired_rows == 2 and report.lines_read == 8
+    assert report.kept == 6 and report.dropped == {}
+    by_prompt = {ex["conversations"][0]["content"]: ex["conversations"][1]["content"]
+                 for ex in all_examples(tmp_path / "out")}
+    assert by_prompt["离职证明不给开怎么办\n\"公司拖着不给"] == "可以向劳动行政部门投诉。"
+    assert by_prompt["押金不退怎么办"] == "可以协商，\n也可以起诉。"
+    assert by_prompt["年假有几天"] == "\"工作满一年不满十年的，年休假五天"
+    assert {"加班费怎么算", "工伤怎么认定"} <= set(by_prompt)
+    assert by_prompt["分页符\x0c和\u2028行分隔符"] == "照常保留。"
 
 
 @pytest.mark.parametrize("encoding", ["gbk", "utf-8-sig"])
@@ -97,4 +119,4 @@ def test_cli_exit_codes(tmp_path):
     good.write_text(MESSY_CSV, encoding="utf-8")
     r = subprocess.run([str(BIN / "lawchat"), "prepare", str(good), str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "10 rows read, 4 kept" in r.stderr and "masked_reply" in r.stderr
+    assert "13 lines, 10 rows read, 4 kept, 0 repaired" in r.stderr and "masked_reply" in r.stderr

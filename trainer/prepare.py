@@ -38,7 +38,9 @@ class Example:
 class PrepareReport:
     source: str
     encoding: str
+    lines_read: int = 0      # physical lines, header included
     rows_read: int = 0
+    repaired_rows: int = 0   # records re-read after a quote that was never closed (see iter_records)
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
@@ -80,10 +82,35 @@ def build_prompt(title: str, question: str) -> str:
     return f"{title}\n{question}"
 
 
+def iter_records(lines: list[str], n_fields: int, report: PrepareReport):
+    """CSV records from physical lines (quoted newlines kept). A quote opened and never closed makes one
+    record swallow the lines after it; such a record is re-read as its first line alone, quotes taken
+    literally, and parsing resumes on the next line, so one stray quote costs no other row."""
+    pos = 0
+    while pos < len(lines):
+        reader = csv.reader(iter(lines[pos:]), strict=False)
+        start = 0
+        for row in reader:
+            end = reader.line_num
+            if len(row) != n_fields and end - start > 1:
+                report.repaired_rows += 1
+                yield next(csv.reader([lines[pos + start]], quoting=csv.QUOTE_NONE))
+                pos += start + 1
+                break
+            yield row
+            start = end
+        else:
+            return
+
+
 def read_rows(text: str, report: PrepareReport, drops: Counter) -> list[Example]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=False)
+    # split on \n only: str.splitlines would also cut at \u2028, \x0c ... that scraped text carries
+    lines = [line + "\n" for line in text.replace("\r\n", "\n").split("\n")]
+    if text.endswith("\n"):
+        lines.pop()
+    report.lines_read = len(lines)
     try:
-        header = [h.strip().lower() for h in next(reader)]
+        header = [h.strip().lower() for h in next(csv.reader(lines[:1]))]
     except StopIteration:
         raise PrepareError("the CSV is empty") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -92,7 +119,7 @@ def read_rows(text: str, report: PrepareReport, drops: Counter) -> list[Example]
     idx = {c: header.index(c) for c in REQUIRED_COLUMNS}
 
     examples = []
-    for row in reader:
+    for row in iter_records(lines[1:], len(header), report):
         if not any(cell.strip() for cell in row):
             continue  # blank line between records: not a row
         report.rows_read += 1
@@ -184,7 +211,8 @@ def prepare(csv_path: str | Path, out_dir: str | Path, dev_ratio: float = 0.05, 
 
 
 def print_report(report: PrepareReport, file=sys.stderr) -> None:
-    print(f"prepare: {report.source} ({report.encoding}): {report.rows_read} rows read, {report.kept} kept", file=file)
+    print(f"prepare: {report.source} ({report.encoding}): {report.lines_read} lines, {report.rows_read} rows read, "
+          f"{report.kept} kept, {report.repaired_rows} repaired after an unclosed quote", file=file)
     for reason, n in report.dropped.items():
         print(f"  dropped {n:>6}  {reason}", file=file)
     print("  splits: " + ", ".join(f"{k}={v}" for k, v in report.splits.items()), file=file)
