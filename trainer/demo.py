@@ -51,7 +51,7 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def build_base(cfg: dict, out: Path, key: str) -> None:
+def build_base(cfg: dict, out: Path) -> dict:
     db = demo_corpus.find_laws_db()
     focus = demo_corpus.read_articles(db, cfg["laws"])
     tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else demo_corpus.read_articles(db)
@@ -64,46 +64,42 @@ def build_base(cfg: dict, out: Path, key: str) -> None:
     info = base_model.make_base_model(
         demo_corpus.statute_lines(tok_articles) + forum, statutes + forum, out, cfg["vocab_size"],
         base_model.ModelShape(**cfg["model"]), base_model.PretrainConfig(**cfg["pretrain"]))
-    mark_built(out, key, info)
     log(f"base model: {info}")
+    return info
 
 
-def build_data(cfg: dict, out: Path, key: str) -> None:
+def build_data(cfg: dict, out: Path) -> dict:
     articles = demo_corpus.read_articles(demo_corpus.find_laws_db(), cfg["laws"])
     clean = demo_corpus.statute_rows(articles, cfg["questions_per_article"], cfg["seed"]) + demo_corpus.everyday_rows()
     csv_path = out / "lawzhidao_sample.csv"
     demo_corpus.write_lawzhidao_csv(clean + demo_corpus.messy_rows(clean), csv_path)
     report = prepare(csv_path, out / "prepared", seed=cfg["seed"])
     print_report(report)
-    mark_built(out, key, {"rows": report.rows_read, "kept": report.kept, "dropped": report.dropped})
+    return {"rows": report.rows_read, "kept": report.kept, "dropped": report.dropped}
 
 
-def build_adapter(cfg: dict, workdir: Path, out: Path, key: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def build_adapter(cfg: dict, workdir: Path, out: Path) -> dict:
     lora_yaml = out / "lora.yaml"
     lora_yaml.write_text(yaml.safe_dump(cfg["finetune"], allow_unicode=True, sort_keys=False), encoding="utf-8")
     finetune(workdir / "data" / "prepared", workdir / "base", lora_yaml, output_dir=out)
-    mark_built(out, key, {})
+    return {}
 
 
-def build_eval(workdir: Path, out: Path, key: str) -> None:
+def build_merged(workdir: Path, out: Path) -> dict:
+    merge(workdir / "lora" / "final", out, base=workdir / "base")
+    return {"adapter": str(workdir / "lora" / "final"), "base": str(workdir / "base")}
+
+
+def build_eval(workdir: Path, out: Path) -> dict:
     report = eval_.evaluate(workdir / "merged", workdir / "data" / "prepared", split="test", compare=workdir / "base")
     eval_.print_report(report, file=sys.stderr)
     eval_.write_report(report, out / "report.json")
-    mark_built(out, key, {})
+    return report["models"]
 
 
 def sample_answer(model_dir: Path, question: str, max_new_tokens: int = 200) -> str:
     """Greedy answer of a model dir to one question (a smoke check printed after the build)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return eval_.generate_answers(model_dir, [[{"role": "user", "content": question}]], max_new_tokens, "cpu")[0]
 
 
 def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Path:
@@ -116,13 +112,12 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
     data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday)
     adapter_key = digest(base_key, data_key, cfg["finetune"])
     merged_key = digest(adapter_key)
-    steps = [
-        ("base", base_key, lambda out: build_base(cfg, out, base_key)),
-        ("data", data_key, lambda out: build_data(cfg, out, data_key)),
-        ("lora", adapter_key, lambda out: build_adapter(cfg, workdir, out, adapter_key)),
-        ("merged", merged_key, lambda out: (merge(workdir / "lora" / "final", out, base=workdir / "base"),
-                                            mark_built(out, merged_key, {}))),
-        ("eval", merged_key, lambda out: build_eval(workdir, out, merged_key)),
+    steps = [   # (name, key of its inputs, build(out) -> info stamped beside the output)
+        ("base", base_key, lambda out: build_base(cfg, out)),
+        ("data", data_key, lambda out: build_data(cfg, out)),
+        ("lora", adapter_key, lambda out: build_adapter(cfg, workdir, out)),
+        ("merged", merged_key, lambda out: build_merged(workdir, out)),
+        ("eval", merged_key, lambda out: build_eval(workdir, out)),
     ]
     t_all = time.time()
     for i, (name, key, build) in enumerate(steps, 1):
@@ -133,7 +128,7 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
         log(f"step {i}/{len(steps)} {name}: building ...")
         t0 = time.time()
         out.mkdir(parents=True, exist_ok=True)
-        build(out)
+        mark_built(out, key, build(out))
         log(f"step {i}/{len(steps)} {name}: done in {time.time() - t0:.0f} s")
     log(f"demo model ready in {time.time() - t_all:.0f} s: {workdir / 'merged'}")
     return workdir / "merged"
