@@ -33,7 +33,7 @@ def make_random_glm6b(out: Path, tokenizer_dir: Path) -> None:
     tok.save_pretrained(out)
 
 
-def make_messages(tokenizer, runner, n_tokens: int) -> list[dict]:
+def make_messages(runner, n_tokens: int) -> list[dict]:
     """A user turn whose templated prompt is about n_tokens long."""
     text = "劳动者有下列情形之一的，用人单位可以解除劳动合同：在试用期间被证明不符合录用条件的；严重违反用人单位的规章制度的。" * 40
     lo, hi = 1, len(text)
@@ -127,7 +127,7 @@ def main() -> None:
     runner = ModelRunner(model_dir, device=a.device)
     if a.random_glm6b is not None:
         runner.eos_ids = set()          # random weights: generate exactly --new-tokens
-    messages = make_messages(runner.tokenizer, runner, a.prompt_tokens)
+    messages = make_messages(runner, a.prompt_tokens)
     n_prompt = len(runner.encode_chat(messages))
     card = torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu"
 

@@ -75,6 +75,7 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
     """Load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down."""
     model_dir = Path(model_dir)
     runner = ModelRunner(model_dir, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    runner.warmup()
     app = build_app(runner, cfg, model_dir.name)
     http_server, _ = app.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
     await start_app(app)

@@ -67,6 +67,11 @@ class ModelRunner:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
+    def warmup(self) -> None:
+        """One short prefill + decode so the first request does not pay for CUDA/cuBLAS start-up."""
+        logits, cache = self.prefill(self.encode_chat([{"role": "user", "content": "你好"}]))
+        self.decode_one_token(int(torch.argmax(logits)), cache)
+
     @torch.inference_mode()
     def prefill(self, input_ids: list[int]):
         """-> (logits of the last position (vocab,), KV cache)."""
