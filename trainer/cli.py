@@ -22,7 +22,8 @@ def cmd_prepare(a) -> int:
 
 def cmd_train(a) -> int:
     from .finetune import finetune
-    final = finetune(a.data_dir, a.model_dir, a.config, output_dir=a.output_dir, resume=a.resume)
+    final = finetune(a.data_dir, a.model_dir, a.config, output_dir=a.output_dir, resume=a.resume,
+                     trust_remote_code=a.trust_remote_code)
     print(final)
     return 0
 
@@ -30,7 +31,7 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     from .evaluate import evaluate, print_report, write_report
     report = evaluate(a.model_dir, a.data_dir, split=a.split, compare=a.compare, max_new_tokens=a.max_new_tokens,
-                      limit=a.limit, device=a.device)
+                      limit=a.limit, device=a.device, trust_remote_code=a.trust_remote_code)
     print_report(report)
     if a.output:
         write_report(report, Path(a.output))
@@ -39,7 +40,7 @@ def cmd_eval(a) -> int:
 
 def cmd_merge(a) -> int:
     from .merge import merge
-    print(merge(a.adapter_dir, a.out_dir, base=a.base))
+    print(merge(a.adapter_dir, a.out_dir, base=a.base, trust_remote_code=a.trust_remote_code))
     return 0
 
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="YAML with data_config, max_input_length, max_output_length, training_args, peft_config")
     s.add_argument("--output-dir", default=None, help="default: training_args.output_dir or runs/lora")
     s.add_argument("--resume", action="store_true", help="resume from the last checkpoint in the output dir")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="ROUGE-1/2/L and BLEU-4 of greedy answers on a prepared split")
@@ -88,12 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="first N examples only")
     s.add_argument("--device", default="cpu")
     s.add_argument("--output", default=None, help="write the report as JSON here")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     s.add_argument("adapter_dir", help="e.g. runs/lora/final or runs/lora/checkpoint-200")
     s.add_argument("out_dir")
     s.add_argument("--base", default=None, help="base model dir (default: the one recorded in the adapter)")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("demo", help="build the offline demo model (tiny GLM on PRC statutes), reusing finished steps")
@@ -110,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     s.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
+    s.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow the checkpoint's own code (config key trust_remote_code)")
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -43,13 +43,14 @@ def score(hypotheses: list[str], references: list[str]) -> Scores:
     return Scores(len(references), *(round(100 * totals[k] / n, 2) for k in ("rouge-1", "rouge-2", "rouge-l", "bleu")))
 
 
-def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int, device: str) -> list[str]:
+def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int, device: str,
+                     trust_remote_code: bool = False) -> list[str]:
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code).to(device).eval()
     out = []
     for messages in tqdm(prompts, desc=f"eval {model_dir.name}", unit="q", mininterval=2.0):
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -61,7 +62,8 @@ def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens:
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", compare: str | Path | None = None,
-             max_new_tokens: int = 256, limit: int | None = None, device: str = "cpu") -> dict:
+             max_new_tokens: int = 256, limit: int | None = None, device: str = "cpu",
+             trust_remote_code: bool = False) -> dict:
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no split file {path}; run `lawchat prepare` first")
@@ -71,7 +73,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", c
     prompts, refs = [c[:-1] for c in convs], [c[-1]["content"] for c in convs]
     report = {"split": str(path), "models": {}}
     for model in [m for m in (compare, model_dir) if m is not None]:
-        hyps = generate_answers(Path(model), prompts, max_new_tokens, device)
+        hyps = generate_answers(Path(model), prompts, max_new_tokens, device, trust_remote_code)
         report["models"][str(model)] = asdict(score(hyps, refs))
     return report
 

@@ -108,7 +108,7 @@ def encode_split(tokenizer, convs: list[list[dict]], cfg: FinetuneConfig, name: 
 
 
 def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Path,
-             output_dir: str | Path | None = None, resume: bool = False) -> Path:
+             output_dir: str | Path | None = None, resume: bool = False, trust_remote_code: bool = False) -> Path:
     """Train LoRA adapters; checkpoints go to output_dir/checkpoint-N, the final adapter to output_dir/final."""
     import torch
     from peft import get_peft_config, get_peft_model
@@ -125,7 +125,7 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         raise FinetuneError(f"no training file {train_path}; run `lawchat prepare` first")
     val_path = data_dir / cfg.data_config.val_file if cfg.data_config.val_file else None
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise FinetuneError(f"{model_dir}: the tokenizer has no chat template")
     if tokenizer.pad_token_id is None:
@@ -146,7 +146,8 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
     args.setdefault("report_to", "none")
     training_args = TrainingArguments(output_dir=str(out), **args)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
+                                                 trust_remote_code=trust_remote_code)
     peft_model = get_peft_model(model, get_peft_config(dict(cfg.peft_config)))
     peft_model.print_trainable_parameters()
 

@@ -23,17 +23,18 @@ def resolve_base(adapter_dir: Path, base: str | Path | None) -> Path:
     return base
 
 
-def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
+def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
+          trust_remote_code: bool = False) -> Path:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base_dir = resolve_base(adapter_dir, base)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise MergeError(f"the tokenizer in {tokenizer_src} has no chat template; the server needs one")
     out_dir.mkdir(parents=True, exist_ok=True)
