@@ -10,7 +10,6 @@ tokenizer's vocabulary, and EOS is ignored so every run generates exactly --new-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,25 +73,6 @@ def bench_hf(runner, messages, new_tokens: int) -> tuple[float, float, int]:
     return ttft or total, (n - 1) / max(total - (ttft or total), 1e-9), n
 
 
-class Server:
-    def __init__(self, runner):
-        from lawchat_server.app import build_app, start_app
-        from lawchat_server.config import ServerConfig
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-        async def up():
-            app = build_app(runner, ServerConfig(port=0), "bench")
-            await start_app(app)
-            return app
-        self.app = asyncio.run_coroutine_threadsafe(up(), self.loop).result()
-        self.target = f"127.0.0.1:{self.app.port}"
-
-    def stop(self):
-        from lawchat_server.app import stop_app
-        asyncio.run_coroutine_threadsafe(stop_app(self.app, 0), self.loop).result()
-
-
 def bench_lawchat(target: str, messages, new_tokens: int) -> tuple[float, float, int]:
     from lawchat_client import LawchatClient
     with LawchatClient(target, timeout=600) as c:
@@ -135,7 +115,9 @@ def main() -> None:
     # H200 for HF modules), so both paths see every shape once before timing
     bench_hf(runner, messages, a.new_tokens)
     hf = [bench_hf(runner, messages, a.new_tokens) for _ in range(a.runs)]
-    server = Server(runner)
+    from lawchat_server.app import ThreadedServer
+    from lawchat_server.config import ServerConfig
+    server = ThreadedServer(runner, ServerConfig(port=0), "bench")
     try:
         bench_lawchat(server.target, messages, a.new_tokens)
         lc = [bench_lawchat(server.target, messages, a.new_tokens) for _ in range(a.runs)]
@@ -152,8 +134,8 @@ def main() -> None:
     base = med(hf, 1)
     print(f"\ncard: {card} | model: {model_dir} ({runner.dtype}) | prompt {n_prompt} tokens | "
           f"new tokens asked {a.new_tokens} | median of {a.runs} runs | torch {torch.__version__}")
-    print(f"| path | streams | tokens/stream | TTFT ms | decode tok/s | vs HF |")
-    print(f"|---|---|---|---|---|---|")
+    print("| path | streams | tokens/stream | TTFT ms | decode tok/s | vs HF |")
+    print("|---|---|---|---|---|---|")
     print(f"| HF generate + TextIteratorStreamer (baseline) | 1 | {med(hf, 2)} | {med(hf, 0) * 1e3:.1f} | {base:.1f} | 1.00 |")
     print(f"| lawchat gRPC ChatStream via SDK | 1 | {med(lc, 2)} | {med(lc, 0) * 1e3:.1f} | {med(lc, 1):.1f} | "
           f"{med(lc, 1) / base:.2f} |")

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,28 @@ async def stop_app(app: App, grace: float) -> None:
     await app.health.enter_graceful_shutdown()
     await app.server.stop(grace)
     app.engine.stop()
+
+
+class ThreadedServer:
+    """build_app + start_app on an event loop in a daemon thread, for sync callers (benchmarks, tests, notebooks)."""
+
+    def __init__(self, runner, cfg: ServerConfig, model_name: str = "model"):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="lawchat-grpc", daemon=True).start()
+
+        async def build_and_start():   # grpc.aio objects belong to the loop they are made on
+            app = build_app(runner, cfg, model_name)
+            await start_app(app)
+            return app
+
+        self.app = self.call(build_and_start())
+        self.target = f"{cfg.host}:{self.app.port}"
+
+    def call(self, coro, timeout: float | None = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0.0) -> None:
+        self.call(stop_app(self.app, grace), timeout=None)
 
 
 async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | None = None) -> None:

@@ -5,7 +5,6 @@ leave the server serving (or, on shutdown, finish in-flight streams first).
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ import grpc
 import pytest
 from lawchat_client import LawchatClient, LawchatError
 
-from lawchat_server.app import build_app, start_app, stop_app
+from lawchat_server.app import ThreadedServer
 from lawchat_server.config import ServerConfig
 from lawchat_server.engine.model_runner import ModelRunner
 
@@ -43,30 +42,12 @@ class FaultyRunner:
         return self.inner.decode_one_token(token, cache)
 
 
-class InProcessServer:
-    """build_app + start_app on a loop in a background thread; the test talks to it with the sync SDK."""
+def InProcessServer(runner, **cfg) -> ThreadedServer:
+    return ThreadedServer(runner, ServerConfig(port=0, **cfg), "tiny")
 
-    def __init__(self, runner, **cfg):
-        self.cfg = ServerConfig(port=0, **cfg)
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
 
-        async def build_and_start():   # grpc.aio objects belong to the loop they are made on
-            app = build_app(runner, self.cfg, "tiny")
-            await start_app(app)
-            return app
-
-        self.app = self.call(build_and_start())
-        self.target = f"127.0.0.1:{self.app.port}"
-
-    def call(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, grace: float = 0.0):
-        self.call(stop_app(self.app, grace))
-
-    def count(self, method: str, code: str) -> float:
-        return self.app.metrics.requests.labels(method, code)._value.get()
+def count(srv: ThreadedServer, method: str, code: str) -> float:
+    return srv.app.metrics.requests.labels(method, code)._value.get()
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +84,7 @@ def test_client_cancel_stops_generation_and_frees_the_slot(slow):
         time.sleep(0.3)
         assert faulty.decoded <= stopped_at + 1          # no decoding for a client that left
         assert stopped_at < 100
-        assert wait_until(lambda: srv.count("ChatStream", "CANCELLED") == 1)
+        assert wait_until(lambda: count(srv, "ChatStream", "CANCELLED") == 1)
         assert c.chat(QUESTION, max_new_tokens=3).completion_tokens == 3
 
 
@@ -114,7 +95,7 @@ def test_deadline_exceeded_frees_the_slot(slow):
             list(c.chat_stream(QUESTION, max_new_tokens=400, timeout=2.0))   # generation needs ~8 s
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert wait_until(lambda: srv.app.engine.running == 0)
-        assert wait_until(lambda: srv.count("ChatStream", "DEADLINE_EXCEEDED") == 1)
+        assert wait_until(lambda: count(srv, "ChatStream", "DEADLINE_EXCEEDED") == 1)
         assert c.chat(QUESTION, max_new_tokens=2).finish_reason in ("max_tokens", "eos")
 
 
@@ -178,7 +159,7 @@ def test_template_rejection_is_invalid_argument(runner):
                 c.chat([("system", "你是律师"), ("user", QUESTION)], max_new_tokens=3)
             assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert "System role not supported" in e.value.details
-            assert wait_until(lambda: srv.count("Chat", "INVALID_ARGUMENT") == 1)
+            assert wait_until(lambda: count(srv, "Chat", "INVALID_ARGUMENT") == 1)
             assert c.chat(QUESTION, max_new_tokens=3).completion_tokens == 3
     finally:
         srv.stop()

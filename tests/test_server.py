@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from lawchat.v1 import chat_pb2, chat_pb2_grpc
 from lawchat_client import LawchatClient, LawchatError
 from prometheus_client.parser import text_string_to_metric_families
 

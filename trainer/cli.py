@@ -58,6 +58,11 @@ def cmd_serve(a) -> int:
     return serve_from_cli(a)
 
 
+def add_trust_remote_code(s: argparse.ArgumentParser, default: bool | None = False) -> None:
+    s.add_argument("--trust-remote-code", action="store_true", default=default,
+                   help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lawchat", description="lawchat: fine-tune and serve a Chinese legal assistant")
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="YAML with data_config, max_input_length, max_output_length, training_args, peft_config")
     s.add_argument("--output-dir", default=None, help="default: training_args.output_dir or runs/lora")
     s.add_argument("--resume", action="store_true", help="resume from the last checkpoint in the output dir")
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
+    add_trust_remote_code(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="ROUGE-1/2/L and BLEU-4 of greedy answers on a prepared split")
@@ -91,16 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="first N examples only")
     s.add_argument("--device", default="cpu")
     s.add_argument("--output", default=None, help="write the report as JSON here")
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
+    add_trust_remote_code(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     s.add_argument("adapter_dir", help="e.g. runs/lora/final or runs/lora/checkpoint-200")
     s.add_argument("out_dir")
     s.add_argument("--base", default=None, help="base model dir (default: the one recorded in the adapter)")
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
+    add_trust_remote_code(s)
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("demo", help="build the offline demo model (tiny GLM on PRC statutes), reusing finished steps")
@@ -117,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     s.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
-    s.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow the checkpoint's own code (config key trust_remote_code)")
+    add_trust_remote_code(s, default=None)   # None: the server config's trust_remote_code decides
     s.set_defaults(func=cmd_serve)
     return p
 

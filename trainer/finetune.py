@@ -137,8 +137,8 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
                 if val_path is not None and val_path.is_file() else [])
 
     args = dict(cfg.training_args)
-    out = Path(output_dir or args.pop("output_dir", "runs/lora"))
-    args.pop("output_dir", None)
+    config_out = args.pop("output_dir", "runs/lora")
+    out = Path(output_dir or config_out)
     if not val_rows:  # the seed crashed on a tiny or missing dev set; here evaluation is just skipped
         args["eval_strategy"] = "no"
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

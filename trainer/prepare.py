@@ -6,7 +6,6 @@ to OUT_DIR/prepare_report.json so nothing disappears silently.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import random
 import re

@@ -14,6 +14,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0   # start of the window decoded for context
         self.read_offset = 0     # ids before this were already emitted
+        self.prefix_text = ""    # decode of ids[prefix_offset:read_offset]; changes only when the offsets move
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -21,11 +22,11 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (may be empty)."""
         self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text):]
+        if len(new_text) > len(self.prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(self.prefix_text):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
+            self.prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
             return delta.replace("\ufffd", "")
         return ""
