@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_CONFIG
 from lawchat_trainer.demo import build_demo
-from lawchat_trainer.finetune import IGNORE_INDEX, encode_conversation, finetune
+from lawchat_server.prompt import IGNORE_INDEX, encode_training_example
+from lawchat_trainer.finetune import finetune
 
 BIN = Path(sys.executable).parent
 
@@ -22,7 +23,7 @@ BIN = Path(sys.executable).parent
 def test_labels_mask_the_prompt_and_learn_reply_and_eos(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     conv = [{"role": "user", "content": "试用期多长？"}, {"role": "assistant", "content": "不得超过六个月。"}]
-    row, p_trunc, r_trunc = encode_conversation(tok, conv, max_input_length=64, max_output_length=64)
+    row, p_trunc, r_trunc = encode_training_example(tok, conv, max_input_length=64, max_output_length=64)
     prompt = tok.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=False)
     n_prompt = len(tok.encode(prompt, add_special_tokens=False))
     assert prompt.endswith("<|assistant|>\n")
@@ -33,7 +34,7 @@ def test_labels_mask_the_prompt_and_learn_reply_and_eos(tiny_model):
     assert row["input_ids"][n_prompt:] == learned
     assert not p_trunc and not r_trunc
 
-    row, p_trunc, r_trunc = encode_conversation(tok, conv, max_input_length=4, max_output_length=3)
+    row, p_trunc, r_trunc = encode_training_example(tok, conv, max_input_length=4, max_output_length=3)
     assert p_trunc and r_trunc
     assert row["labels"].count(IGNORE_INDEX) == 4 and row["labels"][-1] == tok.eos_token_id and len(row["labels"]) == 7
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-IGNORE_INDEX = -100
+from lawchat_server.prompt import IGNORE_INDEX, encode_training_example
 
 
 class FinetuneError(Exception):
@@ -77,26 +77,10 @@ def load_conversations(path: Path) -> list[list[dict]]:
     return out
 
 
-def encode_conversation(tokenizer, conv: list[dict], max_input_length: int,
-                        max_output_length: int) -> tuple[dict, bool, bool]:
-    """-> ({input_ids, labels}, prompt_truncated, reply_truncated). Loss on the final reply + EOS."""
-    prompt = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    reply_ids = tokenizer.encode(conv[-1]["content"], add_special_tokens=False)
-    prompt_truncated = len(prompt_ids) > max_input_length
-    if prompt_truncated:  # keep the end: it holds the question's tail and the assistant marker
-        prompt_ids = prompt_ids[-max_input_length:]
-    reply_truncated = len(reply_ids) + 1 > max_output_length
-    reply_ids = reply_ids[:max_output_length - 1] + [tokenizer.eos_token_id]
-    return ({"input_ids": prompt_ids + reply_ids,
-             "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids},
-            prompt_truncated, reply_truncated)
-
-
 def encode_split(tokenizer, convs: list[list[dict]], cfg: FinetuneConfig, name: str, report: dict) -> list[dict]:
     rows, n_prompt, n_reply = [], 0, 0
     for conv in convs:
-        row, p, r = encode_conversation(tokenizer, conv, cfg.max_input_length, cfg.max_output_length)
+        row, p, r = encode_training_example(tokenizer, conv, cfg.max_input_length, cfg.max_output_length)
         rows.append(row)
         n_prompt += p
         n_reply += r

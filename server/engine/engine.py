@@ -1,20 +1,30 @@
-"""engine: one worker thread generates queued requests in turn and streams chunks to asyncio callers.
+"""engine: the one holder of the model runner, tokenizer and KV cache; streams generations to asyncio callers.
 
-This is the walking-skeleton engine: one sequence at a time through HF modules with a dynamic KV
-cache. The fast engine (static KV, CUDA graphs, continuous batching) replaces model_runner and adds
-a scheduler; the `stream` interface stays.
+Three parties, each on its own thread:
+- callers (the gRPC event loop) submit a `GenerationRequest` through `stream()` and read `Chunk`s;
+- the engine thread loops: take new sequences, drop aborted ones, `Scheduler.schedule()`, `runner.execute()`,
+  append the sampled tokens, finish sequences on EOS / max tokens (continuous batching: every step);
+- the output thread turns each step's token ids into text (incremental detokenizer, stop sequences) and hands
+  the chunks to the callers' event loops, one callback per loop per step. A caller that reads slower than
+  tokens arrive gets the queued deltas merged into one message.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
+import random
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from .block_manager import BlockManager
+from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .sampler import SamplingParams, make_generator, sample
+from .sampler import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
 from .stopping import StopSequenceMatcher
 
 log = logging.getLogger("lawchat.engine")
@@ -36,6 +46,7 @@ class GenerationRequest:
     sampling: SamplingParams
     max_new_tokens: int
     stop_sequences: list[str] = field(default_factory=list)
+    ignore_eos: bool = False          # benchmarks: generate exactly max_new_tokens
 
 
 @dataclass
@@ -47,110 +58,246 @@ class Chunk:
 
 
 @dataclass
-class _Job:
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
+class EngineStats:
+    running: int
+    waiting: int
+    batch_size: int                  # sequences in the last step
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int        # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int
+    preemptions: int
+    steps: int
 
-    def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+class _Job:
+    """Caller-side state of one request: where its chunks go, and its text pipeline (output thread only)."""
+
+    def __init__(self, seq: Sequence, request: GenerationRequest, tokenizer, loop: asyncio.AbstractEventLoop):
+        self.seq = seq
+        self.loop = loop
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stopper = StopSequenceMatcher(request.stop_sequences)
+        self.done = False
+
+
+def _deliver(items: list) -> None:
+    for job, item in items:
+        job.out.put_nowait(item)
 
 
 class Engine:
-    def __init__(self, runner, max_waiting: int = 64):
+    def __init__(self, runner, config: EngineConfig | None = None):
         self.runner = runner
-        self.max_waiting = max_waiting
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._waiting = 0
-        self._running = 0
+        self.config = config or runner.config
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, runner.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_prefill_tokens)
+        self.max_waiting = self.config.max_waiting
+        self._cond = threading.Condition()
+        self._inbox: list[_Job] = []
+        self._jobs: dict[int, _Job] = {}
+        self._outputs: queue.Queue = queue.Queue()
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="lawchat-engine", daemon=True)
+        self._batch_size = 0
+        self._steps = 0
+        self._thread = threading.Thread(target=self._loop, name="lawchat-engine", daemon=True)
+        self._out_thread = threading.Thread(target=self._process_outputs, name="lawchat-detok", daemon=True)
 
-    # -- status ---------------------------------------------------------------------------------
+    # -- what the services read ------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.runner.tokenizer
+
+    @property
+    def device(self):
+        return self.runner.device
+
+    @property
+    def dtype(self):
+        return self.runner.dtype
+
+    @property
+    def max_len(self) -> int:
+        return self.runner.max_len
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.runner.encode_chat(messages)
+
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._inbox) + len(self.scheduler.waiting)
 
     @property
     def running(self) -> int:
-        return self._running
+        return len(self.scheduler.running)
 
+    def stats(self) -> EngineStats:
+        bm = self.blocks
+        return EngineStats(self.running, self.waiting, self._batch_size, bm.num_used, bm.num_total,
+                           bm.prefix_queries, bm.prefix_hits, self.scheduler.preemptions, self._steps)
+
+    # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._out_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        with self._lock:
+        with self._cond:
             self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._outputs.put(None)
+        if self._out_thread.is_alive():
+            self._out_thread.join(timeout)
 
-    # -- caller side (event loop) ---------------------------------------------------------------
+    # -- caller side (event loop) ----------------------------------------------------------------
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        job = _Job(request, asyncio.get_running_loop())
-        with self._lock:
+        if len(request.prompt_ids) + 1 > self.max_len:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens does not fit max_len {self.max_len}")
+        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        seq = Sequence(request.prompt_ids, request.sampling, request.max_new_tokens, seed, request.ignore_eos)
+        job = _Job(seq, request, self.tokenizer, asyncio.get_running_loop())
+        with self._cond:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
-            if self._waiting >= self.max_waiting:
-                raise EngineOverloaded(f"{self._waiting} requests already waiting")
-            self._waiting += 1
-        self._queue.put(job)
+            if self.waiting >= self.max_waiting:
+                raise EngineOverloaded(f"{self.waiting} requests already waiting")
+            self._inbox.append(job)
+            self._cond.notify()
         try:
             while True:
-                item = await job.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
+                items = [await job.out.get()]
+                while not job.out.empty():          # a slow reader gets the queued deltas as one message
+                    items.append(job.out.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                last = items[-1]
+                chunk = last if len(items) == 1 else Chunk("".join(c.delta for c in items), last.finish_reason,
+                                                           last.prompt_tokens, last.completion_tokens)
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
         finally:
-            job.cancelled = True   # client gone, deadline, or done: the worker stops at the next token
+            if seq.status is not Status.FINISHED:   # client gone or deadline: free its slot at the next step
+                seq.aborted = True
+                with self._cond:
+                    self._cond.notify()
 
-    # -- worker side (engine thread) ------------------------------------------------------------
-    def _work(self) -> None:
+    # -- engine thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        sched = self.scheduler
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                self._waiting -= 1
-                if job.cancelled:
-                    continue
-                self._running += 1
+            with self._cond:
+                while not self._closed and not self._inbox and not sched.has_work():
+                    self._cond.wait()
+                if self._closed:
+                    break
+                new, self._inbox = self._inbox, []
+            for job in new:
+                self._jobs[job.seq.seq_id] = job
+                sched.add(job.seq)
+            self._drop_aborted()
+            step = sched.schedule()
+            for seq in step.preempted:
+                self.runner.release(seq)
+            if not step:
+                time.sleep(0.001)          # everything waits for blocks held by sequences being dropped
+                continue
+            self._batch_size = len(step.prefill) + len(step.decode)
             try:
-                self._generate(job)
-            except Exception as e:  # never kill the worker: the request gets the error, others go on
-                log.exception("generation failed")
-                job.emit(e)
-            finally:
-                with self._lock:
-                    self._running -= 1
+                sampled, tokens = self.runner.execute(step.prefill, step.decode)
+            except Exception as e:    # never kill the loop: the step's requests get the error, others go on
+                log.exception("engine step failed (%d prefill, %d decode)", len(step.prefill), len(step.decode))
+                self._fail([s for s, _ in step.prefill] + step.decode, e)
+                continue
+            self._steps += 1
+            self._advance(step, sampled, tokens)
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        self._fail(list(sched.running) + list(sched.waiting), EngineClosed("the server is shutting down"), inbox)
 
-    def _generate(self, job: _Job) -> None:
-        req, runner = job.request, self.runner
-        n_prompt = len(req.prompt_ids)
-        detok = IncrementalDetokenizer(runner.tokenizer)
-        stopper = StopSequenceMatcher(req.stop_sequences)
-        generator = make_generator(req.sampling, runner.device)
+    def _drop_aborted(self) -> None:
+        sched = self.scheduler
+        for seq in [s for s in sched.running if s.aborted] + [s for s in sched.waiting if s.aborted]:
+            sched.remove(seq)
+            self.runner.release(seq)
+            self._jobs.pop(seq.seq_id, None)
 
-        logits, cache = runner.prefill(req.prompt_ids)
-        n_new = 0
+    def _advance(self, step, sampled: list[Sequence], tokens: list[int]) -> None:
+        for seq, n in step.prefill:
+            seq.num_computed += n
+        for seq in step.decode:
+            seq.num_computed += 1
+        for seq, _ in step.prefill:
+            self.blocks.register_full_blocks(seq)
+        for seq in step.decode:
+            self.blocks.register_full_blocks(seq)
+        eos = self.runner.eos_ids
+        outputs = []
+        for seq, tok in zip(sampled, tokens):
+            seq.token_ids.append(tok)
+            finish = None
+            if tok in eos and not seq.ignore_eos:
+                finish = EOS
+            elif seq.num_output >= seq.max_new_tokens:
+                finish = MAX_TOKENS
+            job = self._jobs.get(seq.seq_id)
+            if finish is not None:
+                seq.finish_reason = finish
+                self.scheduler.remove(seq)
+                self.runner.release(seq)
+                self._jobs.pop(seq.seq_id, None)
+            if job is not None:
+                outputs.append((job, tok, finish, seq.num_output))
+        if outputs:
+            self._outputs.put(outputs)
+
+    def _fail(self, seqs: list[Sequence], error: BaseException, inbox: list[_Job] = ()) -> None:
+        outputs = []
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.remove(seq)
+            self.runner.release(seq)
+            job = self._jobs.pop(seq.seq_id, None)
+            if job is not None:
+                outputs.append((job, error, None, 0))
+        outputs += [(job, error, None, 0) for job in inbox]
+        if outputs:
+            self._outputs.put(outputs)
+
+    # -- output thread ---------------------------------------------------------------------------
+    def _process_outputs(self) -> None:
         while True:
-            if job.cancelled:
+            outputs = self._outputs.get()
+            if outputs is None:
                 return
-            token = sample(logits, req.sampling, generator)
-            n_new += 1
-            if token in runner.eos_ids:
-                job.emit(Chunk(stopper.flush(), EOS, n_prompt, n_new))
-                return
-            text, stopped = stopper.feed(detok.push(token))
-            if stopped:
-                job.emit(Chunk(text, STOP_SEQUENCE, n_prompt, n_new))
-                return
-            if n_new >= req.max_new_tokens:
-                job.emit(Chunk(text + stopper.flush(), MAX_TOKENS, n_prompt, n_new))
-                return
-            if text:
-                job.emit(Chunk(text, None, n_prompt, n_new))
-            logits = runner.decode_one_token(token, cache)
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for job, tok, finish, n_out in outputs:
+                if job.done:
+                    continue
+                if isinstance(tok, BaseException):
+                    job.done = True
+                    by_loop.setdefault(job.loop, []).append((job, tok))
+                    continue
+                if finish == EOS:
+                    text = job.stopper.flush()
+                else:
+                    text, stopped = job.stopper.feed(job.detok.push(tok))
+                    if stopped:
+                        finish = STOP_SEQUENCE
+                        job.seq.aborted = True        # the engine drops it at its next step
+                    elif finish == MAX_TOKENS:
+                        text += job.stopper.flush()
+                if finish is not None:
+                    job.done = True
+                if text or finish is not None:
+                    by_loop.setdefault(job.loop, []).append(
+                        (job, Chunk(text, finish, job.seq.num_prompt, n_out)))
+            for loop, items in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:                  # that loop is closed: its callers are gone
+                    pass

@@ -1,15 +1,29 @@
-"""model_runner: load an HF causal-LM dir and run prefill / decode_one_token on it (one sequence)."""
+"""model_runner: load a merged model dir and run one engine step (prefill chunks + a decode batch) on it.
+
+`load_runner` picks the path: `FastRunner` (lawchat's own GLM/Llama/Qwen2 decoder on a paged KV cache, the
+decode step captured in CUDA graphs per batch-size bucket) or `HFRunner` (any other causal LM through HF
+modules, one sequence at a time). Both expose `execute(prefill, decode) -> (sampled sequences, token ids)`,
+with one host sync per step: the sampled ids that streaming needs.
+"""
 from __future__ import annotations
 
-import inspect
 import logging
+import time
 from pathlib import Path
 
 import torch
 
+from ..prompt import check_template, encode_prompt
+from .attention import AttentionMetadata, PrefillSeq
+from .config import EngineConfig
+from .model import FastModel, supports_fast_path
+from .sampler import SamplingBatch, SamplingParams, sample
+from .sequence import Sequence
+
 log = logging.getLogger("lawchat.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -30,58 +44,275 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-class ModelRunner:
-    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "auto",
-                 trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_runner(model_dir: str | Path, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False,
+                config: EngineConfig | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_dir = Path(model_dir)
-        if not (self.model_dir / "config.json").is_file():
-            raise ValueError(f"{self.model_dir} is not a model directory (no config.json)")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=self.dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        cfg = self.model.config
-        self.max_len = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", 2048))
-        self.eos_ids = self._eos_ids()
-        # transformers 5.2x renames forward(past_key_values=) to cache=; the GPU image has 5.17
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        log.info("loaded %s on %s (%s), max_len=%d, eos=%s", self.model_dir, self.device,
-                 str(self.dtype).removeprefix("torch."), self.max_len, sorted(self.eos_ids))
+    config = config or EngineConfig()
+    config.validate()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a model directory (no config.json)")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    check_template(tokenizer, str(model_dir))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt, trust_remote_code=trust_remote_code).to(dev).eval()
+    if config.fast_path and supports_fast_path(hf.config):
+        return FastRunner(model_dir, hf, tokenizer, dev, config)
+    log.warning("%s: model_type %r is not on the fast path (glm, llama, qwen2, mistral): generic HF path, "
+                "one sequence at a time, no CUDA graphs or prefix caching", model_dir, hf.config.model_type)
+    return HFRunner(model_dir, hf, tokenizer, dev, config)
 
-    def _eos_ids(self) -> set[int]:
+
+class BaseRunner:
+    """What both paths share: tokenizer, stop ids, limits, the batched sampler's inputs."""
+
+    def __init__(self, model_dir: Path, hf_config, generation_config, tokenizer, device: torch.device,
+                 dtype: torch.dtype, config: EngineConfig):
+        self.model_dir, self.tokenizer, self.device, self.dtype, self.config = model_dir, tokenizer, device, dtype, config
+        self.max_len = int(getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "seq_length", 2048))
+        self.eos_ids = self._eos_ids(hf_config, generation_config, tokenizer)
+        self.vocab_size = hf_config.vocab_size
+        self.block_size = config.block_size
+        self.num_blocks = 0
+        self.prefix_caching = False
+        self.attention_backend = "hf"
+        self.graph_batch_sizes: list[int] = []
+
+    @staticmethod
+    def _eos_ids(hf_config, generation_config, tokenizer) -> frozenset[int]:
         ids: set[int] = set()
-        for src in (self.model.generation_config.eos_token_id, self.model.config.eos_token_id,
-                    self.tokenizer.eos_token_id):
+        for src in (getattr(generation_config, "eos_token_id", None), hf_config.eos_token_id, tokenizer.eos_token_id):
             if isinstance(src, int):
                 ids.add(src)
             elif src:
                 ids.update(int(i) for i in src)
-        return ids
+        return frozenset(ids)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return encode_prompt(self.tokenizer, messages)
+
+    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        temps = [s.sampling.temperature for s in seqs]
+        all_greedy = all(t == 0.0 for t in temps)
+        if all_greedy:
+            empty = torch.empty(0, device=self.device)
+            return SamplingBatch(empty, empty, empty, empty, empty, True, False)
+        top_p = [s.sampling.top_p for s in seqs]
+        top_k = [s.sampling.top_k for s in seqs]
+        ints = torch.tensor([top_k, [s.seed for s in seqs], [s.num_output for s in seqs]], dtype=torch.int64)
+        floats = torch.tensor([temps, top_p], dtype=torch.float32)
+        ints, floats = ints.to(self.device, non_blocking=True), floats.to(self.device, non_blocking=True)
+        any_filter = any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p)
+        return SamplingBatch(floats[0], floats[1], ints[0], ints[1], ints[2], False, any_filter)
+
+    def release(self, seq: Sequence) -> None:
+        """seq left the running set (finished, cancelled, preempted)."""
 
     def warmup(self) -> None:
-        """One short prefill + decode so the first request does not pay for CUDA/cuBLAS start-up."""
-        logits, cache = self.prefill(self.encode_chat([{"role": "user", "content": "你好"}]))
-        self.decode_one_token(int(torch.argmax(logits)), cache)
+        """A short greedy generation so the first request pays no start-up cost (kernels, allocator)."""
+        seq = Sequence(self.encode_chat([{"role": "user", "content": "你好"}]), SamplingParams(), 2, seed=0)
+        seq.block_table = list(range(1, 1 + -(-(len(seq) + 2) // self.block_size)))
+        _, toks = self.execute([(seq, len(seq))], [])
+        seq.num_computed = len(seq)
+        seq.token_ids.append(toks[0])
+        self.execute([], [seq])
+        self.release(seq)
+
+
+class FastRunner(BaseRunner):
+    def __init__(self, model_dir: Path, hf, tokenizer, device: torch.device, config: EngineConfig):
+        super().__init__(model_dir, hf.config, hf.generation_config, tokenizer, device, hf.dtype, config)
+        self.model = FastModel(hf)
+        del hf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        s = self.model.shape
+        self.prefix_caching = config.enable_prefix_caching
+        self.attention_backend = ("triton" if device.type == "cuda" else "torch") if config.attention == "auto" \
+            else config.attention
+        if self.attention_backend == "triton" and device.type != "cuda":
+            raise ValueError("engine.attention: triton needs a CUDA device")
+        bytes_per_token = s.num_layers * 2 * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
+        self.num_blocks = self._num_blocks(bytes_per_token)
+        self.kv_cache = torch.zeros(s.num_layers, 2, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
+                                    dtype=self.dtype, device=device)
+        self.max_len = min(self.max_len, (self.num_blocks - 1) * self.block_size)
+        self.max_blocks_per_seq = -(-self.max_len // self.block_size)
+        self.model.build_rotary(self.max_len)
+        log.info("fast path: %s, KV cache %d blocks x %d tokens (%.2f GiB), max_len %d, attention %s",
+                 type(self).__name__, self.num_blocks, self.block_size,
+                 self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.max_len, self.attention_backend)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if device.type == "cuda" and config.cuda_graphs and self.attention_backend == "triton":
+            self._capture_graphs()
+
+    def _num_blocks(self, bytes_per_token: int) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        useful = cfg.max_num_seqs * self.max_len // self.block_size + 1   # more than this is never used
+        if self.device.type != "cuda":
+            return min(useful, cfg.cpu_kv_cache_tokens // self.block_size)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # room for activations, logits and sampler buffers of the largest step
+        reserve = 2 * 2**30 + cfg.max_num_seqs * self.vocab_size * 4 * 8
+        budget = total * cfg.gpu_memory_fraction - (total - free) - reserve
+        n = int(budget // (bytes_per_token * self.block_size))
+        if n < 2:
+            raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
+                             f"{total / 2**30:.1f}); raise engine.gpu_memory_fraction or use a smaller model")
+        return min(n, useful)
+
+    # -- steps -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        sampled: list[Sequence] = []
+        logits = []
+        if prefill:
+            lg, seqs = self._prefill(prefill)
+            logits.append(lg)
+            sampled += seqs
+        if decode:
+            logits.append(self._decode(decode))
+            sampled += decode
+        if not sampled:
+            return [], []
+        all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+        tokens = sample(all_logits, self.sampling_batch(sampled))
+        return sampled, tokens.tolist()          # the one host sync of the step
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        seqs: list[PrefillSeq] = []
+        rows: list[int] = []
+        sampled: list[Sequence] = []
+        dev = self.device
+        for seq, n in chunks:
+            start = seq.num_computed
+            q_start = len(ids)
+            ids += seq.token_ids[start:start + n]
+            pos += range(start, start + n)
+            slots += [self._slot(seq, p) for p in range(start, start + n)]
+            table = torch.tensor(seq.block_table, dtype=torch.int64, device=dev) if start else None
+            seqs.append(PrefillSeq(q_start, n, start, table))
+            if start + n == len(seq):
+                rows.append(len(ids) - 1)
+                sampled.append(seq)
+        host = torch.tensor([ids, pos, slots], dtype=torch.int64).to(dev, non_blocking=True)
+        meta = AttentionMetadata(slot_mapping=host[2], decode=False, prefill=seqs)
+        logits = self.model.forward(host[0], host[1], self.kv_cache, meta,
+                                    torch.tensor(rows, dtype=torch.int64, device=dev))
+        return logits, sampled
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        b = len(seqs)
+        bs = self.block_size
+        ctx = [len(s) for s in seqs]
+        host = torch.tensor([[s.last_token for s in seqs], [c - 1 for c in ctx],
+                             [self._slot(s, c - 1) for s, c in zip(seqs, ctx)], ctx], dtype=torch.int64)
+        width = max(-(-c // bs) for c in ctx)
+        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs],
+                              dtype=torch.int32)
+        bucket = next((g for g in self.graph_batch_sizes if g >= b), None)
+        if bucket is None:   # eager: CPU, or a batch above the largest graph
+            dev = self.device
+            host, tables = host.to(dev, non_blocking=True), tables.to(dev, non_blocking=True)
+            meta = AttentionMetadata(slot_mapping=host[2], decode=True, block_tables=tables,
+                                     context_lens=host[3].to(torch.int32), use_triton=self.attention_backend == "triton",
+                                     num_splits=self._splits(b))
+            return self.model.forward(host[0], host[1], self.kv_cache, meta)
+        self._fill_graph_inputs(host, tables, b, bucket)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:b]
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+    def _splits(self, batch: int) -> int:
+        """Context partitions for the decode kernel: enough programs to fill the card at small batches."""
+        if self.device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        want = max(1, (2 * sms) // (batch * self.model.shape.num_kv_heads))
+        return min(16, 1 << (want.bit_length() - 1))
+
+    def _fill_graph_inputs(self, host: torch.Tensor, tables: torch.Tensor, b: int, bucket: int) -> None:
+        dev_host = host.to(self.device, non_blocking=True)
+        self.g_ids[:b].copy_(dev_host[0])
+        self.g_pos[:b].copy_(dev_host[1])
+        self.g_slots[:b].copy_(dev_host[2])
+        self.g_ctx[:b].copy_(dev_host[3])
+        self.g_tables[:b, :tables.shape[1]].copy_(tables.to(self.device, non_blocking=True))
+        if bucket > b:   # padded rows: one token in the scratch block 0
+            self.g_ids[b:bucket].zero_()
+            self.g_pos[b:bucket].zero_()
+            self.g_slots[b:bucket].zero_()
+            self.g_ctx[b:bucket].fill_(1)
+
+    def _capture_graphs(self) -> None:
+        t0 = time.perf_counter()
+        sizes = [g for g in GRAPH_BUCKETS if g <= self.config.max_num_seqs]
+        if sizes[-1] < self.config.max_num_seqs:
+            sizes.append(self.config.max_num_seqs)
+        n, dev = sizes[-1], self.device
+        self.g_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.g_pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.g_slots = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.g_ctx = torch.ones(n, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        pool = None
+        with torch.inference_mode():
+            for b in reversed(sizes):
+                meta = AttentionMetadata(slot_mapping=self.g_slots[:b], decode=True, block_tables=self.g_tables[:b],
+                                         context_lens=self.g_ctx[:b], use_triton=True, num_splits=self._splits(b))
+                self.model.forward(self.g_ids[:b], self.g_pos[:b], self.kv_cache, meta)   # compile kernels
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model.forward(self.g_ids[:b], self.g_pos[:b], self.kv_cache, meta)
+                pool = graph.pool()
+                self.graphs[b] = (graph, out)
+        self.graph_batch_sizes = sizes
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", sizes, time.perf_counter() - t0)
+
+
+class HFRunner(BaseRunner):
+    """Any causal LM through its HF modules: a DynamicCache per sequence, one sequence at a time."""
+
+    def __init__(self, model_dir: Path, hf, tokenizer, device: torch.device, config: EngineConfig):
+        super().__init__(model_dir, hf.config, hf.generation_config, tokenizer, device, hf.dtype, config)
+        self.model = hf
+        self.num_blocks = config.num_kv_blocks or (config.cpu_kv_cache_tokens // self.block_size)
+        self.caches: dict[int, object] = {}
+
+    def release(self, seq: Sequence) -> None:
+        self.caches.pop(seq.seq_id, None)
+
+    def _forward(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+        cache = self.caches.setdefault(seq.seq_id, DynamicCache())
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[0, -1].float()
 
     @torch.inference_mode()
-    def prefill(self, input_ids: list[int]):
-        """-> (logits of the last position (vocab,), KV cache)."""
-        ids = torch.tensor([input_ids], device=self.device)  # (1, T)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1], out.past_key_values
+    def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        sampled, logits = [], []
+        for seq, n in prefill:
+            lg = self._forward(seq, seq.token_ids[seq.num_computed:seq.num_computed + n])
+            if seq.num_computed + n == len(seq):
+                sampled.append(seq)
+                logits.append(lg)
+        for seq in decode:
+            sampled.append(seq)
+            logits.append(self._forward(seq, [seq.last_token]))
+        if not sampled:
+            return [], []
+        return sampled, sample(torch.stack(logits), self.sampling_batch(sampled)).tolist()
 
-    @torch.inference_mode()
-    def decode_one_token(self, token_id: int, cache) -> torch.Tensor:
-        """Feed one token, extend the cache in place; -> logits (vocab,)."""
-        ids = torch.tensor([[token_id]], device=self.device)  # (1, 1)
-        out = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: cache})
-        return out.logits[0, -1]

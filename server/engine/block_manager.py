@@ -1,0 +1,133 @@
+"""block_manager: the paged KV cache's bookkeeping: fixed-size blocks, block tables, prefix caching.
+
+Block 0 is never handed out: padded rows of a captured decode batch write their K/V there. A full block is
+registered under a hash chained over every token before it, so a later prompt with the same prefix (a system
+prompt, a repeated conversation) reuses the block instead of recomputing it. Freed blocks keep their hash
+and content until they are handed out again (least recently freed first), so a prefix survives its request.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((prev, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache needs at least 2 blocks, got {num_blocks}")
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self.by_hash: dict[int, int] = {}
+        self.prefix_caching = enable_prefix_caching
+        self.prefix_queries = 0     # prompt tokens looked up
+        self.prefix_hits = 0        # of those, found in the cache
+
+    # -- capacity --------------------------------------------------------------------------------
+    @property
+    def num_total(self) -> int:
+        return len(self.blocks) - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_total - self.num_free
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks seq needs to hold its first num_tokens tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    # -- allocation ------------------------------------------------------------------------------
+    def _take_free(self) -> Block:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.by_hash.get(block.hash) == block_id:
+            del self.by_hash[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, (), 1
+        return block
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Admission: share cached blocks of seq's leading full blocks; -> tokens found.
+
+        At least the last token is left to compute, since its logits are needed to sample.
+        """
+        if not self.prefix_caching or seq.block_table:
+            return 0
+        bs, prev, hits = self.block_size, None, 0
+        limit = (len(seq) - 1) // bs
+        for i in range(limit):
+            ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(prev, ids)
+            block_id = self.by_hash.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != ids:
+                break
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.free.pop(block_id)
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            prev, hits = h, hits + bs
+        seq.hashed_blocks, seq.last_hash = hits // bs, prev
+        seq.num_computed = hits
+        return hits
+
+    def record_admission(self, seq: Sequence) -> None:
+        """Count a first admission's prompt tokens and how many of them the prefix cache had."""
+        if seq.preemptions == 0:
+            self.prefix_queries += seq.num_prompt
+            self.prefix_hits += min(seq.num_computed, seq.num_prompt)
+
+    def can_allocate(self, n_blocks: int) -> bool:
+        return n_blocks <= self.num_free
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow seq's block table to hold num_tokens tokens (the caller checked can_allocate)."""
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self._take_free().block_id)
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """After a step: give each newly full, computed block of seq its prefix hash."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(seq.hashed_blocks, seq.num_computed // bs):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                block.hash, block.token_ids = chain_hash(seq.last_hash, ids), ids
+                self.by_hash.setdefault(block.hash, block.block_id)
+            seq.last_hash = block.hash
+            seq.hashed_blocks = i + 1
+
+    def release(self, seq: Sequence) -> None:
+        """Drop seq's references; blocks nobody uses go back to the free list (hash kept for reuse)."""
+        for block_id in reversed(seq.block_table):   # tail first: it is evicted before the shared head
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed = seq.hashed_blocks = 0
+        seq.last_hash = None
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0

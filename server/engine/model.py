@@ -1,0 +1,144 @@
+"""model: lawchat's own decoder for GLM (ChatGLM3's shape) and the Llama/Qwen2 family, on a paged KV cache.
+
+gpt-fast style: plain tensors, fused QKV and gate/up projections, rotary tables precomputed. Weights are
+taken from a loaded HF model (`from_hf`), so the merged model dir stays the one artifact format. Token
+batches are flat (T tokens of any number of sequences); attention reads and writes the paged cache through
+`attention.py`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata, paged_attention
+
+log = logging.getLogger("lawchat.engine")
+
+FAST_MODEL_TYPES = ("glm", "llama", "qwen2", "mistral")
+
+
+@dataclass
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rotary_dim: int
+    interleaved_rotary: bool       # GLM rotates (x0, x1) pairs; Llama/Qwen2 rotate the two halves
+
+
+def supports_fast_path(config) -> bool:
+    if config.model_type not in FAST_MODEL_TYPES:
+        return False
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type in ("dynamic", "longrope"):   # these change with the sequence length: keep HF's code
+        return False
+    return not getattr(config, "use_sliding_window", False)
+
+
+class Layer:
+    def __init__(self, hf_layer, shape: ModelShape):
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.input_norm = hf_layer.input_layernorm.weight.data
+        self.post_norm = hf_layer.post_attention_layernorm.weight.data
+        self.qkv_w = torch.cat([attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data])
+        biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        self.qkv_b = torch.cat([b.data for b in biases]) if biases[0] is not None else None
+        self.o_w = attn.o_proj.weight.data
+        self.o_b = attn.o_proj.bias.data if attn.o_proj.bias is not None else None
+        if hasattr(mlp, "gate_up_proj"):     # GLM: already fused as [gate; up]
+            self.gate_up_w = mlp.gate_up_proj.weight.data
+        else:
+            self.gate_up_w = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
+            if mlp.gate_proj.bias is not None:
+                raise ValueError("MLP biases are not supported on the fast path")
+        self.down_w = mlp.down_proj.weight.data
+        self.shape = shape
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: ModelShape) -> torch.Tensor:
+    """x: (T, heads, head_dim); cos/sin: (T, rotary_dim/2) in x's dtype."""
+    rd = shape.rotary_dim
+    rot, rest = x[..., :rd], x[..., rd:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    if shape.interleaved_rotary:
+        x0, x1 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    else:
+        x0, x1 = rot[..., : rd // 2], rot[..., rd // 2:]
+        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+class FastModel:
+    """Forward over a flat token batch; the KV cache is (layers, 2, blocks, block_size, kv_heads, head_dim)."""
+
+    def __init__(self, hf_model):
+        cfg = hf_model.config
+        inner = hf_model.model
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        inv_freq = inner.rotary_emb.inv_freq.float()
+        self.attention_scaling = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
+        self.shape = ModelShape(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
+            rms_eps=cfg.rms_norm_eps, rotary_dim=2 * inv_freq.numel(),
+            interleaved_rotary=cfg.model_type == "glm")
+        self.embed = inner.embed_tokens.weight.data
+        self.final_norm = inner.norm.weight.data
+        self.lm_head = hf_model.lm_head.weight.data
+        self.layers = []
+        for hf_layer in inner.layers:      # fuse layer by layer, dropping HF's copies as we go
+            self.layers.append(Layer(hf_layer, self.shape))
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(hf_layer.self_attn, name, None)
+            if not hasattr(hf_layer.mlp, "gate_up_proj"):
+                hf_layer.mlp.gate_proj = hf_layer.mlp.up_proj = None
+        self.inv_freq = inv_freq
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        self.cos = self.sin = None
+
+    def build_rotary(self, max_len: int) -> None:
+        t = torch.arange(max_len, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(self.device))          # (max_len, rotary_dim/2)
+        self.cos = (freqs.cos() * self.attention_scaling).to(self.dtype)
+        self.sin = (freqs.sin() * self.attention_scaling).to(self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (T,); -> logits (N, vocab) float32 for rows logits_indices (all rows if None)."""
+        s = self.shape
+        x = F.embedding(input_ids, self.embed)                          # (T, hidden)
+        cos, sin = self.cos[positions], self.sin[positions]             # (T, rotary_dim/2)
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, s.rms_eps)
+            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)                 # (T, q + 2 kv)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rotary(q.view(-1, s.num_heads, s.head_dim), cos, sin, s)
+            k = apply_rotary(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin, s)
+            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            attn = paged_attention(q, k, v, kv_cache[i], meta)          # (T, heads, head_dim)
+            x = x + F.linear(attn.reshape(-1, q_size), layer.o_w, layer.o_b)
+            h = rms_norm(x, layer.post_norm, s.rms_eps)
+            gate, up = F.linear(h, layer.gate_up_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_w)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        x = rms_norm(x, self.final_norm, s.rms_eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,42 @@
+"""prompt: the one place messages become token ids — for train, eval and serve alike.
+
+The model dir's own chat template renders the turns and the assistant marker; `encode_prompt` is what the
+server and eval feed the model, and `encode_training_example` appends the reply + EOS to that same prompt,
+so what the model learns to continue is exactly what it is later asked to continue.
+"""
+from __future__ import annotations
+
+IGNORE_INDEX = -100
+
+
+class PromptError(ValueError):
+    """The messages cannot be rendered (no template, or the template refuses them)."""
+
+
+def check_template(tokenizer, where: str) -> None:
+    if tokenizer.chat_template is None:
+        raise PromptError(f"{where}: the tokenizer has no chat template")
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """messages ({role, content}, last one the user's) -> ids up to and including the assistant marker."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:   # e.g. a real model's template that requires alternating roles
+        raise PromptError(f"the model's chat template rejected the messages: {type(e).__name__}: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_training_example(tokenizer, conv: list[dict], max_input_length: int,
+                            max_output_length: int) -> tuple[dict, bool, bool]:
+    """-> ({input_ids, labels}, prompt_truncated, reply_truncated). Loss on the final reply + EOS only."""
+    prompt_ids = encode_prompt(tokenizer, conv[:-1])
+    reply_ids = tokenizer.encode(conv[-1]["content"], add_special_tokens=False)
+    prompt_truncated = len(prompt_ids) > max_input_length
+    if prompt_truncated:  # keep the end: it holds the question's tail and the assistant marker
+        prompt_ids = prompt_ids[-max_input_length:]
+    reply_truncated = len(reply_ids) + 1 > max_output_length
+    reply_ids = reply_ids[:max_output_length - 1] + [tokenizer.eos_token_id]
+    return ({"input_ids": prompt_ids + reply_ids,
+             "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids},
+            prompt_truncated, reply_truncated)
