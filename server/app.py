@@ -18,7 +18,7 @@ from .admin_service import AdminService
 from .chat_service import ChatService
 from .config import ServerConfig, load_server_config
 from .engine.engine import Engine
-from .engine.model_runner import ModelRunner
+from .engine.model_runner import load_runner
 from .metrics import Metrics
 
 log = logging.getLogger("lawchat.server")
@@ -36,15 +36,14 @@ class App:
     port: int
 
 
-def build_app(runner, cfg: ServerConfig, model_name: str) -> App:
+def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> App:
     """Services on a grpc.aio server bound to cfg.host:cfg.port (0 = a free port); nothing started yet."""
-    engine = Engine(runner, max_waiting=cfg.max_waiting)
     metrics = Metrics()
     metrics.watch_engine(engine)
     # so_reuseport off: a second server on a taken port must fail, not silently share it
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatService(engine, runner, cfg.generation, metrics), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(engine, runner, model_name), server)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatService(engine, cfg.generation, metrics), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(engine, model_name), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -75,12 +74,12 @@ async def stop_app(app: App, grace: float) -> None:
 class ThreadedServer:
     """build_app + start_app on an event loop in a daemon thread, for sync callers (benchmarks, tests, notebooks)."""
 
-    def __init__(self, runner, cfg: ServerConfig, model_name: str = "model"):
+    def __init__(self, engine: Engine, cfg: ServerConfig, model_name: str = "model"):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="lawchat-grpc", daemon=True).start()
 
         async def build_and_start():   # grpc.aio objects belong to the loop they are made on
-            app = build_app(runner, cfg, model_name)
+            app = build_app(engine, cfg, model_name)
             await start_app(app)
             return app
 
@@ -97,9 +96,10 @@ class ThreadedServer:
 async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | None = None) -> None:
     """Load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down."""
     model_dir = Path(model_dir)
-    runner = ModelRunner(model_dir, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    runner = load_runner(model_dir, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         config=cfg.engine)
     runner.warmup()
-    app = build_app(runner, cfg, model_dir.name)
+    app = build_app(Engine(runner, cfg.engine), cfg, model_dir.name)
     http_server, _ = app.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
     await start_app(app)
 

@@ -17,6 +17,7 @@ from lawchat.v1 import chat_pb2, chat_pb2_grpc
 
 from .engine.engine import EOS, MAX_TOKENS, STOP_SEQUENCE, Chunk, EngineClosed, EngineOverloaded, GenerationRequest
 from .metrics import Metrics
+from .prompt import PromptError
 from .params import GenerationDefaults, InvalidRequest, parse_messages, parse_sampling, parse_stopping
 
 log = logging.getLogger("lawchat.rpc")
@@ -43,9 +44,8 @@ def usage_of(chunk: Chunk) -> chat_pb2.Usage:
 
 
 class ChatService(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, engine, runner, defaults: GenerationDefaults, metrics: Metrics):
+    def __init__(self, engine, defaults: GenerationDefaults, metrics: Metrics):
         self.engine = engine
-        self.runner = runner
         self.defaults = defaults
         self.metrics = metrics
 
@@ -70,14 +70,15 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         sampling = parse_sampling(request, self.defaults)
         max_new, stops = parse_stopping(request, self.defaults)
         try:
-            prompt_ids = self.runner.encode_chat(messages)
-        except Exception as e:  # e.g. a real model's template that requires alternating roles
-            raise InvalidRequest(f"the model's chat template rejected the messages: {type(e).__name__}: {e}") from None
-        room = self.runner.max_len - len(prompt_ids)
+            prompt_ids = self.engine.encode_chat(messages)
+        except PromptError as e:
+            raise InvalidRequest(str(e)) from None
+        room = self.engine.max_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
-                                 f"{self.runner.max_len - 1}")
-        return GenerationRequest(prompt_ids, sampling, min(max_new, room), stops)
+                                 f"{self.engine.max_len - 1}")
+        return GenerationRequest(prompt_ids, sampling, min(max_new, room), stops,
+                                 ignore_eos=request.stopping.ignore_eos)
 
     async def _generate(self, method: str, request, context) -> AsyncIterator[Chunk]:
         rid = request_id_of(context)
@@ -88,7 +89,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         code, last = "OK", None
         try:
             try:
-                async for chunk in self.engine.stream(self._build_request(request)):
+                gen_request = await asyncio.to_thread(self._build_request, request)   # tokenising is CPU work
+                async for chunk in self.engine.stream(gen_request):
                     now = time.perf_counter()
                     if ttft is None:
                         ttft = now - t0

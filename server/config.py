@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from .engine.config import EngineConfig
 from .params import GenerationDefaults
 
 
@@ -18,9 +19,9 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "auto"
     trust_remote_code: bool = False
-    max_waiting: int = 64
     grace_seconds: float = 10.0
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
@@ -35,11 +36,16 @@ def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
     gen = raw.pop("generation", None) or {}
+    eng = raw.pop("engine", None) or {}
     try:
-        cfg = ServerConfig(**raw, generation=GenerationDefaults(**gen))
+        cfg = ServerConfig(**raw, generation=GenerationDefaults(**gen), engine=EngineConfig(**eng))
     except TypeError as e:
         raise ValueError(f"{path}: {e}") from None
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
+    try:
+        cfg.engine.validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return cfg

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -29,7 +30,34 @@ class Metrics:
     def watch_engine(self, engine) -> None:
         self.running.set_function(lambda: engine.running)
         self.waiting.set_function(lambda: engine.waiting)
+        self.registry.register(EngineCollector(engine))
 
     def serve_http(self, host: str, port: int):
         """Start /metrics in a daemon thread; -> (http server, thread). Port 0 picks a free port."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class EngineCollector:
+    """Engine facts read at scrape time: batch, KV cache, prefix cache, preemptions."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        st = self.engine.stats()
+        yield GaugeMetricFamily("lawchat_batch_size", "Sequences in the last engine step.", value=st.batch_size)
+        yield GaugeMetricFamily("lawchat_kv_cache_blocks_used", "KV-cache blocks held by sequences.",
+                                value=st.kv_blocks_used)
+        yield GaugeMetricFamily("lawchat_kv_cache_blocks_total", "KV-cache blocks in all.", value=st.kv_blocks_total)
+        yield GaugeMetricFamily("lawchat_kv_cache_usage_ratio", "Share of KV-cache blocks in use.",
+                                value=st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
+        yield CounterMetricFamily("lawchat_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=st.prefix_cache_queries)
+        yield CounterMetricFamily("lawchat_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=st.prefix_cache_hits)
+        yield CounterMetricFamily("lawchat_preemptions", "Sequences preempted (KV cache full) to be recomputed.",
+                                  value=st.preemptions)
+        yield CounterMetricFamily("lawchat_engine_steps", "Engine steps (one forward pass each).", value=st.steps)

@@ -5,12 +5,13 @@ import asyncio
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lawchat_server.engine.config import EngineConfig
 from lawchat_server.engine.detokenizer import IncrementalDetokenizer
 from lawchat_server.engine.engine import Engine, EngineOverloaded, GenerationRequest
-from lawchat_server.engine.model_runner import ModelRunner
-from lawchat_server.engine.sampler import SamplingParams, make_generator, sample
+from lawchat_server.engine.model_runner import load_runner
+from lawchat_server.engine.sampler import SamplingBatch, SamplingParams, gumbel_noise, sample
 from lawchat_server.engine.stopping import StopSequenceMatcher
 
 TEXT = "劳动者饕餮龘靐，依法享有权利。😀 Labor law 第39条"
@@ -53,22 +54,46 @@ def test_stop_sequence_matcher_holds_back_prefixes():
     assert m3.feed("a#") == ("a", False) and m3.flush() == "#"
 
 
-def test_sampler_greedy_topk_and_seed():
+def batch_of(rows: list[SamplingParams], steps: list[int]) -> SamplingBatch:
+    temps = [r.temperature for r in rows]
+    return SamplingBatch(torch.tensor(temps), torch.tensor([r.top_p for r in rows]),
+                         torch.tensor([r.top_k for r in rows]), torch.tensor([r.seed or 0 for r in rows]),
+                         torch.tensor(steps), all(t == 0 for t in temps),
+                         any(r.top_k > 0 or r.top_p < 1 for r in rows))
+
+
+def test_sampler_greedy_topk_topp_and_seed():
     logits = torch.tensor([0.1, 3.0, 0.2, 2.9, -1.0])
-    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
+    rows = lambda p, n: logits.expand(n, -1).clone()   # noqa: E731
+    assert sample(rows(None, 1), batch_of([SamplingParams()], [0])).tolist() == [1]
     p = SamplingParams(temperature=1.0, top_k=1, seed=1)
-    assert {sample(logits, p, make_generator(p, torch.device("cpu"))) for _ in range(20)} == {1}
+    assert set(sample(rows(p, 50), batch_of([p] * 50, list(range(50)))).tolist()) == {1}
     p = SamplingParams(temperature=1.5, top_p=0.6, seed=3)
-    draws = [sample(logits, p, make_generator(p, torch.device("cpu"))) for _ in range(5)]
-    assert len(set(draws)) == 1 and draws[0] in (1, 3)       # same seed, same draw; only the top-p set
-    p = SamplingParams(temperature=1.0, top_p=0.6)
-    g = make_generator(p, torch.device("cpu"))
-    assert {sample(logits, p, g) for _ in range(200)} == {1, 3}
+    draws = sample(rows(p, 200), batch_of([p] * 200, list(range(200)))).tolist()
+    assert set(draws) == {1, 3}                              # only the top-p set, and both of it
+    # the same (seed, step) draws the same token whatever else is in the batch; other seeds differ somewhere
+    alone = [sample(rows(p, 1), batch_of([p], [k])).item() for k in range(20)]
+    mixed = sample(rows(p, 40), batch_of([p, SamplingParams(temperature=1.0, seed=9)] * 20,
+                                         [k // 2 for k in range(40)])).tolist()[0::2]
+    assert alone == mixed
+    other = SamplingParams(temperature=1.5, top_p=0.6, seed=4)
+    assert [sample(rows(other, 1), batch_of([other], [k])).item() for k in range(20)] != alone
+    # greedy and sampled rows in one batch: the greedy row stays argmax
+    mix = sample(rows(None, 2), batch_of([SamplingParams(), SamplingParams(temperature=2.0, seed=5)], [0, 0]))
+    assert mix[0].item() == 1
+
+
+def test_gumbel_noise_is_uniformly_spread():
+    noise = gumbel_noise(torch.tensor([7]), torch.tensor([0]), 20000)[0]
+    u = torch.exp(-torch.exp(-noise))                        # back to uniform (0, 1)
+    assert abs(u.mean().item() - 0.5) < 0.01 and u.min() > 0 and u.max() < 1
+    hist = torch.histc(u, bins=10, min=0, max=1)
+    assert hist.min() > 1700 and hist.max() < 2300
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_model):
-    return ModelRunner(tiny_model, device="cpu")
+    return load_runner(tiny_model, device="cpu")
 
 
 def collect(engine, request):
@@ -88,9 +113,10 @@ def test_engine_stream_matches_hf_generate(runner):
     last = chunks[-1]
     assert last.finish_reason in ("eos", "max_tokens") and all(c.finish_reason is None for c in chunks[:-1])
     assert last.prompt_tokens == len(ids)
+    hf = AutoModelForCausalLM.from_pretrained(runner.model_dir).eval()
     with torch.inference_mode():
-        ref = runner.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-    assert last.completion_tokens == len(ref)
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    assert last.token_ids == ref
     text = "".join(c.delta for c in chunks)
     ref_ids = [t for t in ref if t not in runner.eos_ids]
     assert runner.tokenizer.decode(ref_ids, skip_special_tokens=True).startswith(text)
@@ -98,7 +124,16 @@ def test_engine_stream_matches_hf_generate(runner):
 
 
 def test_engine_rejects_when_queue_full(runner):
-    engine = Engine(runner, max_waiting=0)   # not started: nothing is ever dequeued
+    engine = Engine(runner, EngineConfig(max_waiting=2))   # not started: nothing is ever admitted
     ids = runner.encode_chat([{"role": "user", "content": "试用期多长？"}])
-    with pytest.raises(EngineOverloaded):
-        collect(engine, GenerationRequest(ids, SamplingParams(), max_new_tokens=4))
+
+    async def go():
+        streams = [engine.stream(GenerationRequest(ids, SamplingParams(), max_new_tokens=4)) for _ in range(3)]
+        pending = [asyncio.ensure_future(s.__anext__()) for s in streams[:2]]
+        await asyncio.sleep(0.05)
+        assert engine.waiting == 2
+        with pytest.raises(EngineOverloaded):
+            await streams[2].__anext__()
+        for p in pending:
+            p.cancel()
+    asyncio.run(go())

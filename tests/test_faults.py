@@ -15,35 +15,35 @@ from lawchat_client import LawchatClient, LawchatError
 
 from lawchat_server.app import ThreadedServer
 from lawchat_server.config import ServerConfig
-from lawchat_server.engine.model_runner import ModelRunner
+from lawchat_server.prompt import encode_prompt
+from lawchat_server.engine.config import EngineConfig
+from lawchat_server.engine.engine import Engine
+from lawchat_server.engine.model_runner import load_runner
 
 QUESTION = "劳动合同法第三十九条是怎么规定的？"
 
 
 class FaultyRunner:
-    """The real runner, with a delay per decoded token and optional failures."""
+    """The real runner, with a delay per engine step and optional failing steps."""
 
-    def __init__(self, runner: ModelRunner, delay: float = 0.0, fail_prefills: int = 0):
-        self.inner, self.delay, self.fail_prefills = runner, delay, fail_prefills
+    def __init__(self, runner, delay: float = 0.0, fail_steps: int = 0):
+        self.inner, self.delay, self.fail_steps = runner, delay, fail_steps
         self.decoded = 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def prefill(self, ids):
-        if self.fail_prefills > 0:
-            self.fail_prefills -= 1
+    def execute(self, prefill, decode):
+        if self.fail_steps > 0:
+            self.fail_steps -= 1
             raise RuntimeError("CUDA out of memory (injected)")
-        return self.inner.prefill(ids)
-
-    def decode_one_token(self, token, cache):
         time.sleep(self.delay)
-        self.decoded += 1
-        return self.inner.decode_one_token(token, cache)
+        self.decoded += len(decode)
+        return self.inner.execute(prefill, decode)
 
 
-def InProcessServer(runner, **cfg) -> ThreadedServer:
-    return ThreadedServer(runner, ServerConfig(port=0, **cfg), "tiny")
+def InProcessServer(runner, **engine_cfg) -> ThreadedServer:
+    return ThreadedServer(Engine(runner, EngineConfig(**engine_cfg)), ServerConfig(port=0), "tiny")
 
 
 def count(srv: ThreadedServer, method: str, code: str) -> float:
@@ -52,13 +52,13 @@ def count(srv: ThreadedServer, method: str, code: str) -> float:
 
 @pytest.fixture(scope="module")
 def runner(tiny_model):
-    return ModelRunner(tiny_model, device="cpu")
+    return load_runner(tiny_model, device="cpu")
 
 
 @pytest.fixture
 def slow(runner):
     faulty = FaultyRunner(runner, delay=0.02)
-    srv = InProcessServer(faulty, max_waiting=1)
+    srv = InProcessServer(faulty, max_waiting=1, max_num_seqs=1)
     yield srv, faulty
     srv.stop()
 
@@ -114,7 +114,7 @@ def test_overload_gets_resource_exhausted_with_retry_after(slow):
 
 
 def test_engine_error_is_internal_and_server_keeps_serving(runner):
-    srv = InProcessServer(FaultyRunner(runner, fail_prefills=1))
+    srv = InProcessServer(FaultyRunner(runner, fail_steps=1))
     try:
         with LawchatClient(srv.target, timeout=60) as c:
             with pytest.raises(LawchatError) as e:
@@ -141,14 +141,25 @@ def test_shutdown_drains_in_flight_and_refuses_new(runner):
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
 
 
-class StrictTemplateRunner(FaultyRunner):
-    """A model whose chat template refuses a system turn, as some real templates do."""
+class StrictTokenizer:
+    """A tokenizer whose chat template refuses a system turn, as some real templates do."""
 
-    def encode_chat(self, messages):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def apply_chat_template(self, messages, **kw):
         if messages[0]["role"] == "system":
             import jinja2
             raise jinja2.TemplateError("System role not supported")
-        return self.inner.encode_chat(messages)
+        return self.inner.apply_chat_template(messages, **kw)
+
+
+class StrictTemplateRunner(FaultyRunner):
+    def encode_chat(self, messages):
+        return encode_prompt(StrictTokenizer(self.inner.tokenizer), messages)
 
 
 def test_template_rejection_is_invalid_argument(runner):

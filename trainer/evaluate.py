@@ -45,20 +45,25 @@ def score(hypotheses: list[str], references: list[str]) -> Scores:
 
 def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int, device: str,
                      trust_remote_code: bool = False) -> list[str]:
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Greedy answers through the serving engine (batched): eval scores exactly what `lawchat serve` answers."""
+    from lawchat_server.engine.engine import Engine, generate_batch
+    from lawchat_server.engine.model_runner import load_runner
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code).to(device).eval()
-    out = []
-    for messages in tqdm(prompts, desc=f"eval {model_dir.name}", unit="q", mininterval=2.0):
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=device)
-        with torch.inference_mode():
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-    return out
+    runner = load_runner(model_dir, device=device, trust_remote_code=trust_remote_code)
+    engine = Engine(runner)
+    engine.start()
+    try:
+        ids = [runner.encode_chat(messages) for messages in prompts]
+        room = [max(1, min(max_new_tokens, runner.max_len - len(i))) for i in ids]
+        if any(len(i) >= runner.max_len for i in ids):
+            raise ValueError(f"{model_dir}: a prompt is longer than the model's max_len {runner.max_len}")
+        if len(set(room)) == 1:
+            chunks = generate_batch(engine, ids, room[0])
+        else:
+            chunks = [generate_batch(engine, [i], r)[0] for i, r in zip(ids, room)]
+    finally:
+        engine.stop()
+    return [c.delta for c in chunks]
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", compare: str | Path | None = None,

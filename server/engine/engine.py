@@ -55,6 +55,7 @@ class Chunk:
     finish_reason: str | None = None     # set on the last chunk only
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)   # on the last chunk: every generated id (eval, tests)
 
 
 @dataclass
@@ -176,7 +177,7 @@ class Engine:
                         raise item
                 last = items[-1]
                 chunk = last if len(items) == 1 else Chunk("".join(c.delta for c in items), last.finish_reason,
-                                                           last.prompt_tokens, last.completion_tokens)
+                                                           last.prompt_tokens, last.completion_tokens, last.token_ids)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
@@ -294,10 +295,30 @@ class Engine:
                 if finish is not None:
                     job.done = True
                 if text or finish is not None:
+                    ids = job.seq.token_ids[job.seq.num_prompt:job.seq.num_prompt + n_out] if finish else []
                     by_loop.setdefault(job.loop, []).append(
-                        (job, Chunk(text, finish, job.seq.num_prompt, n_out)))
+                        (job, Chunk(text, finish, job.seq.num_prompt, n_out, ids)))
             for loop, items in by_loop.items():
                 try:
                     loop.call_soon_threadsafe(_deliver, items)
                 except RuntimeError:                  # that loop is closed: its callers are gone
                     pass
+
+
+def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int,
+                   sampling: SamplingParams = SamplingParams()) -> list[Chunk]:
+    """Sync helper (eval, scripts): all prompts through the started engine at once; -> each one's merged Chunk.
+
+    Requests beyond the wait-queue bound are fed as earlier ones are admitted, so any number works.
+    """
+    async def run() -> list[Chunk]:
+        slots = asyncio.Semaphore(max(1, engine.config.max_num_seqs + engine.max_waiting // 2))
+
+        async def one(ids: list[int]) -> Chunk:
+            async with slots:
+                parts = [c async for c in engine.stream(GenerationRequest(ids, sampling, max_new_tokens))]
+            last = parts[-1]
+            return Chunk("".join(c.delta for c in parts), last.finish_reason, last.prompt_tokens,
+                         last.completion_tokens, last.token_ids)
+        return await asyncio.gather(*[one(p) for p in prompts])
+    return asyncio.run(run())

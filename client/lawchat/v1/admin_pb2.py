@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lawchat/v1/admin.proto\x12\nlawchat.v1\"\x12\n\x10GetStatusRequest\"\xa0\x01\n\x11GetStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t2X\n\x0c\x41\x64minService\x12H\n\tGetStatus\x12\x1c.lawchat.v1.GetStatusRequest\x1a\x1d.lawchat.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lawchat/v1/admin.proto\x12\nlawchat.v1\"\x12\n\x10GetStatusRequest\"\xca\x01\n\x11GetStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12(\n\x06\x65ngine\x18\x08 \x01(\x0b\x32\x18.lawchat.v1.EngineStatus\"\xf0\x01\n\x0c\x45ngineStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tattention\x18\x02 \x01(\t\x12\x1e\n\x16\x63uda_graph_batch_sizes\x18\x03 \x03(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x08 \x01(\x01\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x0f\n\x07max_len\x18\n \x01(\r2X\n\x0c\x41\x64minService\x12H\n\tGetStatus\x12\x1c.lawchat.v1.GetStatusRequest\x1a\x1d.lawchat.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=38
   _globals['_GETSTATUSREQUEST']._serialized_end=56
   _globals['_GETSTATUSRESPONSE']._serialized_start=59
-  _globals['_GETSTATUSRESPONSE']._serialized_end=219
-  _globals['_ADMINSERVICE']._serialized_start=221
-  _globals['_ADMINSERVICE']._serialized_end=309
+  _globals['_GETSTATUSRESPONSE']._serialized_end=261
+  _globals['_ENGINESTATUS']._serialized_start=264
+  _globals['_ENGINESTATUS']._serialized_end=504
+  _globals['_ADMINSERVICE']._serialized_start=506
+  _globals['_ADMINSERVICE']._serialized_end=594
 # @@protoc_insertion_point(module_scope)
