@@ -1,0 +1,218 @@
+"""The fast engine on CPU: continuous batching, chunked prefill, paged KV with preemption, prefix caching.
+
+Tiny random GLM / Llama / Qwen2 models (fp32) are made here; the reference is HF `generate`, greedy, one
+request at a time. EOS is ignored so every request generates exactly the tokens it asks for.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lawchat_server.engine.block_manager import BlockManager
+from lawchat_server.engine.config import EngineConfig
+from lawchat_server.engine.engine import Engine, GenerationRequest
+from lawchat_server.engine.model_runner import FastRunner, load_runner
+from lawchat_server.engine.sampler import SamplingParams
+from lawchat_server.engine.scheduler import Scheduler
+from lawchat_server.engine.sequence import Sequence
+from lawchat_trainer.random_model import make_random_model
+
+TINY = dict(vocab_size=1500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
+            max_position_embeddings=512)
+GREEDY = SamplingParams()
+
+
+@pytest.fixture(scope="module", params=["glm", "llama", "qwen2"])
+def random_model(request, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"random-{request.param}")
+    return make_random_model(out, tiny_model, TINY, request.param, dtype=torch.float32, seed=11)
+
+
+@pytest.fixture(scope="module")
+def glm_model(tiny_model, tmp_path_factory):
+    return make_random_model(tmp_path_factory.mktemp("random-glm"), tiny_model, TINY, "glm", dtype=torch.float32,
+                             seed=5)
+
+
+def hf_greedy(model_dir, prompts, lens):
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.inference_mode():
+        for p, n in zip(prompts, lens):
+            out.append(hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False)[0, len(p):].tolist())
+    return out
+
+
+def prompts_and_lens(n: int, seed: int = 0, lo: int = 3, hi: int = 60):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(10, 1400, (int(k),), generator=g).tolist() for k in torch.randint(lo, hi, (n,), generator=g)]
+    lens = [int(k) for k in torch.randint(4, 40, (n,), generator=g)]
+    return prompts, lens
+
+
+def run_engine(engine, requests, delays=None):
+    """requests: GenerationRequest list, each started after its delay (s) -> last chunks, in order."""
+    async def go():
+        async def one(r, d):
+            await asyncio.sleep(d)
+            return [c async for c in engine.stream(r)][-1]
+        return await asyncio.gather(*[one(r, d) for r, d in zip(requests, delays or [0.0] * len(requests))])
+    return asyncio.run(go())
+
+
+def started(model_dir, **cfg) -> Engine:
+    engine = Engine(load_runner(model_dir, device="cpu", config=EngineConfig(**cfg)))
+    engine.start()
+    return engine
+
+
+def test_fast_path_is_taken(random_model):
+    engine = started(random_model)
+    try:
+        assert isinstance(engine.runner, FastRunner)
+    finally:
+        engine.stop()
+
+
+def test_concurrent_greedy_equals_hf_generate(random_model):
+    """10 requests of different lengths joining mid-flight, small prefill chunks, batch capped at 4."""
+    prompts, lens = prompts_and_lens(10, seed=1)
+    engine = started(random_model, max_num_seqs=4, max_prefill_tokens=16)
+    try:
+        reqs = [GenerationRequest(p, GREEDY, n, ignore_eos=True) for p, n in zip(prompts, lens)]
+        outs = run_engine(engine, reqs, delays=[0.01 * i for i in range(10)])
+        steps = engine.stats().steps
+    finally:
+        engine.stop()
+    assert [o.token_ids for o in outs] == hf_greedy(random_model, prompts, lens)
+    assert all(o.completion_tokens == n and o.finish_reason == "max_tokens" for o, n in zip(outs, lens))
+    assert steps < sum(lens) + sum(len(p) for p in prompts) // 16   # they really shared steps
+
+
+def test_full_kv_cache_preempts_and_every_stream_still_finishes(glm_model):
+    prompts, lens = prompts_and_lens(6, seed=2, lo=20, hi=40)
+    lens = [40] * 6
+    # 12 blocks of 16 tokens: room for ~3 of these sequences (up to 80 tokens = 5 blocks each)
+    engine = started(glm_model, num_kv_blocks=13, max_num_seqs=6, enable_prefix_caching=False)
+    try:
+        outs = run_engine(engine, [GenerationRequest(p, GREEDY, n, ignore_eos=True) for p, n in zip(prompts, lens)])
+        st = engine.stats()
+    finally:
+        engine.stop()
+    assert st.preemptions > 0
+    assert st.kv_blocks_used == 0
+    assert [o.token_ids for o in outs] == hf_greedy(glm_model, prompts, lens)
+
+
+def test_prefix_cache_hits_return_the_same_tokens(glm_model):
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(10, 1400, (70,), generator=g).tolist()     # a shared "system prompt", 4+ blocks
+    tails = [torch.randint(10, 1400, (k,), generator=g).tolist() for k in (5, 9, 13)]
+    prompts = [system + t for t in tails]
+    engine = started(glm_model)
+    try:
+        first = run_engine(engine, [GenerationRequest(prompts[0], GREEDY, 12, ignore_eos=True)])
+        assert engine.stats().prefix_cache_hits == 0
+        again = run_engine(engine, [GenerationRequest(p, GREEDY, 12, ignore_eos=True) for p in prompts])
+        st = engine.stats()
+    finally:
+        engine.stop()
+    assert st.prefix_cache_hits >= 3 * 64          # each later prompt found the 4 full blocks of the system prompt
+    ref = hf_greedy(glm_model, prompts, [12] * 3)
+    assert first[0].token_ids == ref[0]
+    assert [o.token_ids for o in again] == ref
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(glm_model):
+    prompts, _ = prompts_and_lens(6, seed=4)
+    p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    engine = started(glm_model)
+    try:
+        alone = run_engine(engine, [GenerationRequest(prompts[0], p, 30, ignore_eos=True)])[0].token_ids
+        others = [GenerationRequest(q, SamplingParams(temperature=1.0, seed=i), 25, ignore_eos=True)
+                  for i, q in enumerate(prompts[1:])]
+        batch = run_engine(engine, others[:3] + [GenerationRequest(prompts[0], p, 30, ignore_eos=True)] + others[3:],
+                           delays=[0, 0, 0.02, 0.01, 0, 0])
+        other_seed = run_engine(engine, [GenerationRequest(prompts[0], SamplingParams(temperature=0.9, top_p=0.95,
+                                                                                      top_k=50, seed=99), 30,
+                                                           ignore_eos=True)])[0].token_ids
+    finally:
+        engine.stop()
+    assert batch[3].token_ids == alone
+    assert other_seed != alone
+
+
+def test_cancel_frees_the_blocks_within_a_step(glm_model):
+    engine = started(glm_model)
+    prompt, _ = prompts_and_lens(1, seed=5)
+
+    async def go():
+        stream = engine.stream(GenerationRequest(prompt[0], GREEDY, 400, ignore_eos=True))
+        await stream.__anext__()
+        assert engine.stats().kv_blocks_used > 0
+        steps_at_cancel = engine.stats().steps
+        await stream.aclose()                      # what grpc does when the client goes away
+        deadline = time.monotonic() + 5
+        while engine.stats().kv_blocks_used and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        return steps_at_cancel
+    try:
+        at_cancel = asyncio.run(go())
+        st = engine.stats()
+    finally:
+        engine.stop()
+    assert st.kv_blocks_used == 0 and st.running == 0
+    assert st.steps - at_cancel <= 3               # freed at the next step, not after 400 tokens
+
+
+def test_scheduler_interleaves_prefill_chunks_with_decodes():
+    bm = BlockManager(num_blocks=64, block_size=16)
+    sched = Scheduler(bm, max_num_seqs=8, max_prefill_tokens=16)
+    short = Sequence(list(range(5)), GREEDY, 50, seed=0)
+    sched.add(short)
+    step = sched.schedule()
+    assert step.prefill == [(short, 5)] and not step.decode
+    short.num_computed += 5
+    short.token_ids.append(7)                      # its first token was sampled
+    long = Sequence(list(range(100, 170)), GREEDY, 5, seed=0)   # 70 tokens: 5 chunks of <= 16
+    sched.add(long)
+    chunks = []
+    while long.num_pending > 1 or not chunks:
+        step = sched.schedule()
+        assert step.decode == [short]              # the running stream advances every step
+        (seq, n), = step.prefill
+        assert seq is long and n <= 16
+        chunks.append(n)
+        long.num_computed += n
+        short.num_computed += 1
+        short.token_ids.append(7)
+        if long.num_computed == len(long):
+            break
+    assert sum(chunks) == 70 and len(chunks) == 5
+
+
+def test_block_manager_shares_and_evicts_prefix_blocks():
+    bm = BlockManager(num_blocks=6, block_size=16)    # 5 usable blocks
+    a = Sequence(list(range(40)), GREEDY, 1, seed=0)
+    bm.allocate(a, 40)
+    a.num_computed = 40
+    bm.register_full_blocks(a)                         # blocks 0-1 of a are full and hashed
+    b = Sequence(list(range(33)) + [999], GREEDY, 1, seed=0)
+    assert bm.match_prefix(b) == 32 and b.block_table == a.block_table[:2]
+    assert bm.blocks[a.block_table[0]].ref_count == 2
+    bm.release(a)
+    bm.release(b)
+    assert bm.num_free == 5
+    c = Sequence(list(range(40)), GREEDY, 1, seed=0)
+    assert bm.match_prefix(c) == 32                    # freed blocks keep their prefix until reused
+    bm.release(c)
+    d = Sequence([5] * 80, GREEDY, 1, seed=0)
+    bm.allocate(d, 80)                                 # takes every block: old prefixes are evicted
+    e = Sequence(list(range(40)), GREEDY, 1, seed=0)
+    assert bm.match_prefix(e) == 0
