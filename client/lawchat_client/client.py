@@ -112,7 +112,8 @@ class LawchatClient:
         return md
 
     @staticmethod
-    def _request(message_type, messages: Messages, max_new_tokens, temperature, top_p, top_k, seed, stop):
+    def _request(message_type, messages: Messages, max_new_tokens, temperature, top_p, top_k, seed, stop,
+                 ignore_eos=False):
         sampling = chat_pb2.SamplingParameters()
         if temperature is not None:
             sampling.temperature = temperature
@@ -122,7 +123,7 @@ class LawchatClient:
             sampling.top_k = top_k
         if seed is not None:
             sampling.seed = seed
-        stopping = chat_pb2.StoppingCriteria(stop_sequences=list(stop or ()))
+        stopping = chat_pb2.StoppingCriteria(stop_sequences=list(stop or ()), ignore_eos=ignore_eos)
         if max_new_tokens is not None:
             stopping.max_new_tokens = max_new_tokens
         return message_type(messages=to_messages(messages), sampling=sampling, stopping=stopping)
@@ -130,16 +131,18 @@ class LawchatClient:
     def chat_stream(self, messages: Messages, *, max_new_tokens: int | None = None, temperature: float | None = None,
                     top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                     stop: Sequence[str] | None = None, request_id: str | None = None,
-                    timeout: float | None = None) -> ChatStream:
-        req = self._request(chat_pb2.ChatStreamRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop)
+                    timeout: float | None = None, ignore_eos: bool = False) -> ChatStream:
+        req = self._request(chat_pb2.ChatStreamRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop,
+                            ignore_eos)
         call = self._chat.ChatStream(req, timeout=timeout or self.timeout, metadata=self._metadata(request_id))
         return ChatStream(call)
 
     def chat(self, messages: Messages, *, max_new_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
              stop: Sequence[str] | None = None, request_id: str | None = None,
-             timeout: float | None = None) -> ChatResult:
-        req = self._request(chat_pb2.ChatRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop)
+             timeout: float | None = None, ignore_eos: bool = False) -> ChatResult:
+        req = self._request(chat_pb2.ChatRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop,
+                            ignore_eos)
         try:
             resp, call = self._chat.Chat.with_call(req, timeout=timeout or self.timeout,
                                                    metadata=self._metadata(request_id))

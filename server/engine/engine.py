@@ -102,6 +102,7 @@ class Engine:
         self._closed = False
         self._batch_size = 0
         self._steps = 0
+        self.timing = {"schedule": 0.0, "execute": 0.0, "advance": 0.0}   # engine-thread seconds, for profiling
         self._thread = threading.Thread(target=self._loop, name="lawchat-engine", daemon=True)
         self._out_thread = threading.Thread(target=self._process_outputs, name="lawchat-detok", daemon=True)
 
@@ -200,6 +201,7 @@ class Engine:
             for job in new:
                 self._jobs[job.seq.seq_id] = job
                 sched.add(job.seq)
+            t0 = time.perf_counter()
             self._drop_aborted()
             step = sched.schedule()
             for seq in step.preempted:
@@ -208,6 +210,7 @@ class Engine:
                 time.sleep(0.001)          # everything waits for blocks held by sequences being dropped
                 continue
             self._batch_size = len(step.prefill) + len(step.decode)
+            t1 = time.perf_counter()
             try:
                 sampled, tokens = self.runner.execute(step.prefill, step.decode)
             except Exception as e:    # never kill the loop: the step's requests get the error, others go on
@@ -215,10 +218,18 @@ class Engine:
                 self._fail([s for s, _ in step.prefill] + step.decode, e)
                 continue
             self._steps += 1
+            t2 = time.perf_counter()
             self._advance(step, sampled, tokens)
+            t3 = time.perf_counter()
+            tm = self.timing
+            tm["schedule"] += t1 - t0
+            tm["execute"] += t2 - t1
+            tm["advance"] += t3 - t2
         with self._cond:
             inbox, self._inbox = self._inbox, []
         self._fail(list(sched.running) + list(sched.waiting), EngineClosed("the server is shutting down"), inbox)
+        log.info("engine: %d steps; thread time schedule %.2f s, execute (forward+sample+sync) %.2f s, advance %.2f s",
+                 self._steps, *self.timing.values())
 
     def _drop_aborted(self) -> None:
         sched = self.scheduler

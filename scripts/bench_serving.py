@@ -1,0 +1,219 @@
+"""bench_serving: the real gRPC server under 1/16/64/256 concurrent streams from several client processes,
+with the HF generate baseline and the card's copy-bandwidth limit measured in the same run.
+
+    python scripts/bench_serving.py --random-glm6b /tmp/glm6b --tokenizer runs/demo/merged --device cuda
+    python scripts/bench_serving.py --model runs/demo/merged --streams 1,16          # CPU, the demo model
+
+Every request has a ~128-token prompt of its own (no prefix-cache hits) and asks for exactly 256 new tokens
+(EOS ignored). Reported as vLLM's serving benchmark does: output tok/s over the round's wall time, TTFT
+p50/p99, TPOT (time per output token after the first) p50/p99, and the gap between stream messages p50/p99.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+READY_RE = re.compile(r"lawchat serve: ready grpc=(\S+) metrics=(\S+)")
+FILLER = "劳动者有下列情形之一的用人单位可以解除劳动合同在试用期间被证明不符合录用条件严重违反规章制度失职营私舞弊造成重大损害"
+
+
+def make_prompts(tokenizer_dir: Path, n: int, n_tokens: int, seed: int = 0) -> list[str]:
+    """n different user questions whose templated prompts are about n_tokens long."""
+    from transformers import AutoTokenizer
+
+    from lawchat_server.prompt import encode_prompt
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(seed)
+    vocab = [t for t in tok.get_added_vocab() if len(t) == 1 and "\u4e00" <= t <= "\u9fff"] or list(FILLER)
+    out = []
+    for _ in range(n):
+        text = ""
+        while len(encode_prompt(tok, [{"role": "user", "content": text}])) < n_tokens:
+            text += rng.choice(vocab)
+        out.append(text)
+    return out
+
+
+def bench_hf(model_dir: Path, device: str, question: str, new_tokens: int) -> tuple[float, float]:
+    """-> (TTFT s, decode tok/s) of HF generate + TextIteratorStreamer, one stream, after a warm-up run."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+    from lawchat_server.prompt import encode_prompt
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": question}])], device=device)
+    result = None
+    for _ in range(2):   # the first run warms up every KV length
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
+        th = threading.Thread(target=lambda: model.generate(ids, **kw))
+        t0 = time.perf_counter()
+        th.start()
+        ttft = None
+        for text in streamer:
+            if text and ttft is None:
+                ttft = time.perf_counter() - t0
+        th.join()
+        total = time.perf_counter() - t0
+        result = (ttft, (new_tokens - 1) / (total - ttft))
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def copy_bandwidth() -> float:
+    import torch
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * 10 * x.numel() / (time.perf_counter() - t0)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def client_process(target: str, questions: list[str], new_tokens: int, start_at: float, results) -> None:
+    from lawchat_client import LawchatClient
+    rows = []
+    lock = threading.Lock()
+
+    def one(q: str) -> None:
+        with LawchatClient(target, timeout=600) as c:
+            while time.time() < start_at:
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            stream = c.chat_stream(q, max_new_tokens=new_tokens, ignore_eos=True)
+            stamps = [time.perf_counter() for _ in stream]
+            end = time.perf_counter()
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        with lock:
+            rows.append((stamps[0] - t0, end - t0, stream.completion_tokens, gaps))
+
+    threads = [threading.Thread(target=one, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put(rows)
+
+
+def run_round(target: str, questions: list[str], new_tokens: int, processes: int) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    shares = [questions[i::processes] for i in range(min(processes, len(questions)))]
+    start_at = time.time() + 2.0
+    procs = [ctx.Process(target=client_process, args=(target, s, new_tokens, start_at, results)) for s in shares]
+    for p in procs:
+        p.start()
+    rows = [r for _ in procs for r in results.get(timeout=900)]
+    for p in procs:
+        p.join()
+    wall = max(r[1] for r in rows)              # every stream started at start_at (within a few ms)
+    ttft = sorted(r[0] for r in rows)
+    tpot = sorted((r[1] - r[0]) / max(1, r[2] - 1) for r in rows)
+    gaps = sorted(g for r in rows for g in r[3]) or [0.0]
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]   # noqa: E731
+    return dict(tokens=sum(r[2] for r in rows), tok_s=sum(r[2] for r in rows) / wall,
+                ttft50=q(ttft, .5), ttft99=q(ttft, .99), tpot50=q(tpot, .5), tpot99=q(tpot, .99),
+                gap50=q(gaps, .5), gap99=q(gaps, .99), msgs_per_stream=(len(gaps) + len(rows)) / len(rows))
+
+
+def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "server.yaml").read_text())
+    cfg["engine"].update(max_num_seqs=max(max_streams, 1), max_waiting=4096)
+    cfg_path = log_path.with_suffix(".yaml")
+    cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    cmd = [sys.executable, "-m", "lawchat_trainer.cli", "serve", "--model", str(model_dir), "--device", device,
+           "--port", "0", "--metrics-port", "0", "--config", str(cfg_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        m = READY_RE.search(line)
+        if m:
+            return proc, m.group(1)
+    raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=Path("runs/demo/merged"))
+    ap.add_argument("--random-glm6b", type=Path, default=None, help="build (once) and serve a random 6B GLM here")
+    ap.add_argument("--tokenizer", type=Path, default=Path("runs/demo/merged"), help="for --random-glm6b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", default="1,16,64,256")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--clients", type=int, default=8, help="client processes")
+    a = ap.parse_args()
+    streams = [int(s) for s in a.streams.split(",")]
+
+    model_dir = a.model
+    if a.random_glm6b is not None:
+        model_dir = a.random_glm6b
+        if not (model_dir / "config.json").is_file():
+            from lawchat_trainer.random_model import make_random_model
+            make_random_model(model_dir, a.tokenizer, device=a.device)
+    import torch
+    card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    questions = make_prompts(model_dir, sum(streams) + 8, a.prompt_tokens)
+    hf_ttft, hf_tok_s = bench_hf(model_dir, a.device, questions[0], a.new_tokens)
+    limit = None
+    if a.device.startswith("cuda"):
+        from safetensors import safe_open
+        n_bytes = 0
+        for f in model_dir.glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                n_bytes += sum(2 * math.prod(st.get_slice(k).get_shape()) for k in st.keys())   # bf16
+        bw = copy_bandwidth()
+        limit = bw / n_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log")
+        try:
+            run_round(target, questions[-8:], 16, 2)          # warm-up: connections, first shapes
+            rows, used = [], 0
+            for n in streams:
+                rows.append((n, run_round(target, questions[used:used + n], a.new_tokens, a.clients)))
+                used += n
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            log_tail = (Path(tmp) / "server.log").read_text()[-1500:]
+    print(f"\ncard: {card} | model: {model_dir} | prompt ~{a.prompt_tokens} tokens, {a.new_tokens} new tokens "
+          f"(EOS ignored) | {a.clients} client processes | torch {torch.__version__}")
+    if limit:
+        print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {n_bytes / 1e9:.2f} GB -> one-stream limit {limit:.0f} tok/s")
+    print(f"baseline HF generate + TextIteratorStreamer, 1 stream: TTFT {hf_ttft * 1e3:.1f} ms, {hf_tok_s:.1f} tok/s")
+    print("| streams | output tok/s | vs HF | vs limit | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
+          "msg gap p50 ms | msg gap p99 ms | msgs/stream |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, r in rows:
+        vs_limit = f"{r['tok_s'] / limit:.2f}" if limit and n == 1 else "-"
+        print(f"| {n} | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {vs_limit} | {r['ttft50'] * 1e3:.1f} | "
+              f"{r['ttft99'] * 1e3:.1f} | {r['tpot50'] * 1e3:.2f} | {r['tpot99'] * 1e3:.2f} | {r['gap50'] * 1e3:.2f} | "
+              f"{r['gap99'] * 1e3:.2f} | {r['msgs_per_stream']:.0f} |")
+    print("server log tail:\n" + log_tail)
+
+
+if __name__ == "__main__":
+    main()
