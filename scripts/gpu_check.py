@@ -48,6 +48,35 @@ def check_kernel() -> None:
             assert err < 2e-2, err
 
 
+def bench_attention() -> None:
+    """Decode attention per layer call, ChatGLM3 shape (32 heads, 2 KV groups, d 128), 16-token blocks."""
+    from lawchat_server.engine.triton_attention import paged_decode
+    dev, bs, ctx_len = "cuda", 16, 384
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"| batch | context | Triton paged (us) | torch gather + SDPA (us) | speed-up |\n|---|---|---|---|---|")
+    for b in (1, 16, 64, 256):
+        w = ctx_len // bs
+        cache = torch.randn(2, b * w + 1, bs, 2, 128, device=dev, dtype=torch.bfloat16)
+        tables = torch.arange(1, b * w + 1, device=dev, dtype=torch.int32).view(b, w)
+        lens = torch.full((b,), ctx_len, device=dev, dtype=torch.int32)
+        q = torch.randn(b, 32, 128, device=dev, dtype=torch.bfloat16)
+        want = max(1, (2 * sms) // (b * 2))
+        splits = min(16, 1 << (want.bit_length() - 1))
+        times = []
+        for fn in (lambda: paged_decode(q, cache, tables, lens, splits),
+                   lambda: decode_attention_torch(q, cache, tables, lens)):
+            for _ in range(5):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(100):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / 100)
+        print(f"| {b} | {ctx_len} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / times[0]:.1f}x |")
+
+
 def check_greedy(tokenizer: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM
     for model_type in ("glm", "llama", "qwen2"):
@@ -137,6 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     check_kernel()
+    bench_attention()
     with tempfile.TemporaryDirectory() as tmp:
         check_greedy(args.tokenizer, Path(tmp))
     if args.skip_6b:
