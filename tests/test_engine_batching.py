@@ -216,3 +216,15 @@ def test_block_manager_shares_and_evicts_prefix_blocks():
     bm.allocate(d, 80)                                 # takes every block: old prefixes are evicted
     e = Sequence(list(range(40)), GREEDY, 1, seed=0)
     assert bm.match_prefix(e) == 0
+
+
+def test_generic_path_serves_other_models_the_same_way(glm_model):
+    """fast_path off: HF modules, one sequence at a time, still continuous batching and the same greedy tokens."""
+    prompts, lens = prompts_and_lens(4, seed=6)
+    engine = started(glm_model, fast_path=False, enable_prefix_caching=True)
+    try:
+        assert type(engine.runner).__name__ == "HFRunner" and not engine.runner.prefix_caching
+        outs = run_engine(engine, [GenerationRequest(p, GREEDY, n, ignore_eos=True) for p, n in zip(prompts, lens)])
+    finally:
+        engine.stop()
+    assert [o.token_ids for o in outs] == hf_greedy(glm_model, prompts, lens)
