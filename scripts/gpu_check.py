@@ -23,6 +23,7 @@ from lawchat_server.engine.engine import Engine, GenerationRequest  # noqa: E402
 from lawchat_server.engine.model_runner import load_runner  # noqa: E402
 from lawchat_server.engine.sampler import SamplingParams  # noqa: E402
 from lawchat_trainer.random_model import make_random_model  # noqa: E402
+from bench_serving import copy_bandwidth  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 TINY = dict(vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
@@ -142,19 +143,6 @@ def engine_throughput(model_dir: Path, streams: list[int], new_tokens: int = 256
               f"{engine.stats().steps - s0} |", flush=True)
     # decode step alone (graph replay + sampling + sync), batch 1 and 64
     engine.stop()
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * 10 * x.numel() / (time.perf_counter() - t0)
 
 
 def main() -> None:
