@@ -289,6 +289,7 @@ class HFRunner(BaseRunner):
         super().__init__(model_dir, hf.config, hf.generation_config, tokenizer, device, hf.dtype, config)
         self.model = hf
         self.num_blocks = config.num_kv_blocks or (config.cpu_kv_cache_tokens // self.block_size)
+        self.max_len = min(self.max_len, (self.num_blocks - 1) * self.block_size)   # the scheduler's accounting
         self.caches: dict[int, object] = {}
 
     def release(self, seq: Sequence) -> None:
