@@ -19,7 +19,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         st, runner = e.stats(), e.runner
         hit_rate = st.prefix_cache_hits / st.prefix_cache_queries if st.prefix_cache_queries else 0.0
         engine = admin_pb2.EngineStatus(
-            path="fast" if runner.attention_backend != "hf" else "generic", attention=runner.attention_backend,
+            path=runner.path, attention=runner.attention_backend,
             cuda_graph_batch_sizes=runner.graph_batch_sizes, batch_size=st.batch_size,
             kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, kv_block_size=runner.block_size,
             prefix_cache_hit_rate=hit_rate, preemptions=st.preemptions, max_len=e.max_len)

@@ -99,7 +99,7 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
     runner = load_runner(model_dir, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                          config=cfg.engine)
     runner.warmup()
-    app = build_app(Engine(runner, cfg.engine), cfg, model_dir.name)
+    app = build_app(Engine(runner), cfg, model_dir.name)
     http_server, _ = app.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
     await start_app(app)
 

@@ -54,13 +54,8 @@ def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens:
     engine.start()
     try:
         ids = [runner.encode_chat(messages) for messages in prompts]
-        room = [max(1, min(max_new_tokens, runner.max_len - len(i))) for i in ids]
-        if any(len(i) >= runner.max_len for i in ids):
-            raise ValueError(f"{model_dir}: a prompt is longer than the model's max_len {runner.max_len}")
-        if len(set(room)) == 1:
-            chunks = generate_batch(engine, ids, room[0])
-        else:
-            chunks = [generate_batch(engine, [i], r)[0] for i, r in zip(ids, room)]
+        limits = [max(1, min(max_new_tokens, runner.max_len - len(i))) for i in ids]   # the engine rejects prompts
+        chunks = generate_batch(engine, ids, limits)                                     # that do not fit at all
     finally:
         engine.stop()
     return [c.delta for c in chunks]

@@ -127,7 +127,3 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed = seq.hashed_blocks = 0
         seq.last_hash = None
-
-    @property
-    def hit_rate(self) -> float:
-        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0

@@ -243,9 +243,7 @@ class Engine:
             seq.num_computed += n
         for seq in step.decode:
             seq.num_computed += 1
-        for seq, _ in step.prefill:
-            self.blocks.register_full_blocks(seq)
-        for seq in step.decode:
+        for seq in [s for s, _ in step.prefill] + step.decode:
             self.blocks.register_full_blocks(seq)
         eos = self.runner.eos_ids
         outputs = []
@@ -316,20 +314,23 @@ class Engine:
                     pass
 
 
-def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int,
+def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int | list[int],
                    sampling: SamplingParams = SamplingParams()) -> list[Chunk]:
     """Sync helper (eval, scripts): all prompts through the started engine at once; -> each one's merged Chunk.
 
-    Requests beyond the wait-queue bound are fed as earlier ones are admitted, so any number works.
+    max_new_tokens: one limit for all, or one per prompt. Requests beyond the wait-queue bound are fed as
+    earlier ones are admitted, so any number works.
     """
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+
     async def run() -> list[Chunk]:
         slots = asyncio.Semaphore(max(1, engine.config.max_num_seqs + engine.max_waiting // 2))
 
-        async def one(ids: list[int]) -> Chunk:
+        async def one(ids: list[int], limit: int) -> Chunk:
             async with slots:
-                parts = [c async for c in engine.stream(GenerationRequest(ids, sampling, max_new_tokens))]
+                parts = [c async for c in engine.stream(GenerationRequest(ids, sampling, limit))]
             last = parts[-1]
             return Chunk("".join(c.delta for c in parts), last.finish_reason, last.prompt_tokens,
                          last.completion_tokens, last.token_ids)
-        return await asyncio.gather(*[one(p) for p in prompts])
+        return await asyncio.gather(*[one(p, n) for p, n in zip(prompts, limits)])
     return asyncio.run(run())

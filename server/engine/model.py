@@ -40,11 +40,12 @@ def supports_fast_path(config) -> bool:
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type in ("dynamic", "longrope"):   # these change with the sequence length: keep HF's code
         return False
-    return not getattr(config, "use_sliding_window", False)
+    return (getattr(config, "hidden_act", "silu") == "silu" and not getattr(config, "mlp_bias", False)
+            and not getattr(config, "use_sliding_window", False))
 
 
 class Layer:
-    def __init__(self, hf_layer, shape: ModelShape):
+    def __init__(self, hf_layer):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.input_norm = hf_layer.input_layernorm.weight.data
         self.post_norm = hf_layer.post_attention_layernorm.weight.data
@@ -57,10 +58,7 @@ class Layer:
             self.gate_up_w = mlp.gate_up_proj.weight.data
         else:
             self.gate_up_w = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
-            if mlp.gate_proj.bias is not None:
-                raise ValueError("MLP biases are not supported on the fast path")
         self.down_w = mlp.down_proj.weight.data
-        self.shape = shape
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -103,7 +101,7 @@ class FastModel:
         self.lm_head = hf_model.lm_head.weight.data
         self.layers = []
         for hf_layer in inner.layers:      # fuse layer by layer, dropping HF's copies as we go
-            self.layers.append(Layer(hf_layer, self.shape))
+            self.layers.append(Layer(hf_layer))
             for name in ("q_proj", "k_proj", "v_proj"):
                 setattr(hf_layer.self_attn, name, None)
             if not hasattr(hf_layer.mlp, "gate_up_proj"):

@@ -122,6 +122,8 @@ class BaseRunner:
 
 
 class FastRunner(BaseRunner):
+    path = "fast"
+
     def __init__(self, model_dir: Path, hf, tokenizer, device: torch.device, config: EngineConfig):
         super().__init__(model_dir, hf.config, hf.generation_config, tokenizer, device, hf.dtype, config)
         self.model = FastModel(hf)
@@ -144,6 +146,7 @@ class FastRunner(BaseRunner):
         log.info("fast path: %s, KV cache %d blocks x %d tokens (%.2f GiB), max_len %d, attention %s",
                  type(self).__name__, self.num_blocks, self.block_size,
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.max_len, self.attention_backend)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if device.type == "cuda" and config.cuda_graphs and self.attention_backend == "triton":
             self._capture_graphs()
@@ -218,8 +221,8 @@ class FastRunner(BaseRunner):
         host = torch.tensor([[s.last_token for s in seqs], [c - 1 for c in ctx],
                              [self._slot(s, c - 1) for s, c in zip(seqs, ctx)], ctx], dtype=torch.int64)
         width = max(-(-c // bs) for c in ctx)
-        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs],
-                              dtype=torch.int32)
+        # a decoding sequence holds exactly ceil(len / block_size) blocks; shorter rows are padded with block 0
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
         bucket = next((g for g in self.graph_batch_sizes if g >= b), None)
         if bucket is None:   # eager: CPU, or a batch above the largest graph
             dev = self.device
@@ -238,8 +241,7 @@ class FastRunner(BaseRunner):
         """Context partitions for the decode kernel: enough programs to fill the card at small batches."""
         if self.device.type != "cuda":
             return 1
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        want = max(1, (2 * sms) // (batch * self.model.shape.num_kv_heads))
+        want = max(1, (2 * self.num_sms) // (batch * self.model.shape.num_kv_heads))
         return min(16, 1 << (want.bit_length() - 1))
 
     def _fill_graph_inputs(self, host: torch.Tensor, tables: torch.Tensor, b: int, bucket: int) -> None:
@@ -284,6 +286,8 @@ class FastRunner(BaseRunner):
 
 class HFRunner(BaseRunner):
     """Any causal LM through its HF modules: a DynamicCache per sequence, one sequence at a time."""
+
+    path = "generic"
 
     def __init__(self, model_dir: Path, hf, tokenizer, device: torch.device, config: EngineConfig):
         super().__init__(model_dir, hf.config, hf.generation_config, tokenizer, device, hf.dtype, config)
