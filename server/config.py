@@ -31,6 +31,8 @@ def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no such server config: {path}")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if "max_waiting" in raw:   # top-level before the engine section existed (configs of 0.1.0)
+        raw["engine"] = {"max_waiting": raw.pop("max_waiting"), **(raw.get("engine") or {})}
     known = {f.name for f in fields(ServerConfig)}
     unknown = set(raw) - known
     if unknown:
