@@ -133,7 +133,7 @@ def test_engine_rejects_when_queue_full(runner):
         await asyncio.sleep(0.05)
         assert engine.waiting == 2
         with pytest.raises(EngineOverloaded):
-            await streams[2].__anext__()
+            await asyncio.wait_for(streams[2].__anext__(), 5)   # a third one waits no longer: it is refused
         for p in pending:
             p.cancel()
     asyncio.run(go())
