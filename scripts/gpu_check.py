@@ -49,6 +49,44 @@ def check_kernel() -> None:
             assert err < 2e-2, err
 
 
+def check_fused_ops() -> None:
+    """triton_ops against model.py's torch ops (bf16; GLM's interleaved partial rotary and Llama's halves)."""
+    from lawchat_server.engine import triton_ops
+    from lawchat_server.engine.attention import write_kv
+    from lawchat_server.engine.model import ModelShape, add_rms_norm, apply_rotary, silu_mul
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    x, r, w = (torch.randn(7, 4096, device=dev, dtype=dt) for _ in range(3))
+    y_ref, r_ref = add_rms_norm(x, r.clone(), w, 1e-5)
+    y, r2 = triton_ops.add_rms_norm(x, r.clone(), w, 1e-5)
+    print(f"add_rms_norm: max err y {(y - y_ref).abs().max().item():.4f}, residual {(r2 - r_ref).abs().max().item()}")
+    assert torch.equal(r2, r_ref) and (y.float() - y_ref.float()).abs().max() < 0.07
+    gu = torch.randn(7, 2 * 13696, device=dev, dtype=dt)
+    err = (triton_ops.silu_mul(gu).float() - silu_mul(gu).float()).abs().max().item()
+    print(f"silu_mul: max err {err:.4f}")
+    assert err < 0.07
+    for heads, kvh, d, rd, inter in ((32, 2, 128, 64, True), (8, 2, 64, 64, False), (4, 2, 16, 8, True)):
+        shape = ModelShape(0, 0, 0, heads, kvh, d, 1e-5, rd, inter)
+        t, blocks, bs = 9, 10, 16
+        qkv = torch.randn(t, (heads + 2 * kvh) * d, device=dev, dtype=dt)
+        pos = torch.randint(0, 500, (t,), device=dev)
+        slots = torch.randperm(blocks * bs, device=dev)[:t]
+        freqs = torch.outer(torch.arange(512, device=dev).float(), torch.rand(rd // 2, device=dev))
+        cos, sin = freqs.cos().to(dt), freqs.sin().to(dt)
+        q, k, v = qkv.split([heads * d, kvh * d, kvh * d], dim=-1)
+        q_ref = apply_rotary(q.reshape(t, heads, d), cos[pos], sin[pos], shape)
+        k_ref = apply_rotary(k.reshape(t, kvh, d), cos[pos], sin[pos], shape)
+        cache_ref = torch.zeros(2, blocks, bs, kvh, d, device=dev, dtype=dt)
+        write_kv(cache_ref, k_ref, v.reshape(t, kvh, d), slots)
+        cache = torch.zeros_like(cache_ref)
+        qkv2 = qkv.clone()
+        triton_ops.rotary_write_kv(qkv2, pos, cos, sin, cache, slots, heads, kvh, d, rd, inter)
+        eq = (qkv2[:, :heads * d].view(t, heads, d).float() - q_ref.float()).abs().max().item()
+        ec = (cache.float() - cache_ref.float()).abs().max().item()
+        print(f"rotary_write_kv heads={heads} kvh={kvh} d={d} rd={rd} interleaved={inter}: max err q {eq:.4f}, cache {ec:.4f}")
+        assert eq < 0.05 and ec < 0.05
+
+
 def bench_attention() -> None:
     """Decode attention per layer call, ChatGLM3 shape (32 heads, 2 KV groups, d 128), 16-token blocks."""
     from lawchat_server.engine.triton_attention import paged_decode
@@ -76,6 +114,35 @@ def bench_attention() -> None:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) * 1e3 / 100)
         print(f"| {b} | {ctx_len} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / times[0]:.1f}x |")
+    bench_flex_attention()
+
+
+def bench_flex_attention() -> None:
+    """FlexAttention (compiled) decode over a contiguous KV with a length mask: a lower bound for a paged
+    FlexAttention (which adds a page-table indirection in its block mask)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        dev, ctx_len = "cuda", 384
+        print("| batch | FlexAttention decode, contiguous KV (us) |\n|---|---|")
+        for b in (1, 16, 64, 256):
+            q = torch.randn(b, 32, 1, 128, device=dev, dtype=torch.bfloat16)
+            k = torch.randn(b, 2, ctx_len, 128, device=dev, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            lens = torch.full((b,), ctx_len, device=dev)
+            mask = create_block_mask(lambda bi, h, qi, ki: ki < lens[bi], b, None, 1, ctx_len, device=dev)
+            fn = lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)   # noqa: E731
+            for _ in range(3):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(100):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            print(f"| {b} | {start.elapsed_time(end) * 1e3 / 100:.1f} |", flush=True)
+    except Exception as e:   # report, do not stop the other checks
+        print(f"FlexAttention: failed: {type(e).__name__}: {str(e)[:300]}")
 
 
 def check_greedy(tokenizer: Path, tmp: Path) -> None:
@@ -154,6 +221,7 @@ def main() -> None:
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     check_kernel()
+    check_fused_ops()
     bench_attention()
     with tempfile.TemporaryDirectory() as tmp:
         check_greedy(args.tokenizer, Path(tmp))

@@ -78,9 +78,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: 
     return out
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                    meta: AttentionMetadata) -> torch.Tensor:
-    write_kv(cache, k, v, meta.slot_mapping)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+           meta: AttentionMetadata) -> torch.Tensor:
+    """Attention of this batch's queries over the cache (its own K/V already written there)."""
     if not meta.decode:
         return prefill_attention(q, k, v, cache, meta.prefill)
     if meta.use_triton:

@@ -16,6 +16,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True      # share blocks of identical prompt prefixes
     cuda_graphs: bool = True                # CUDA: capture the decode step per batch-size bucket
     attention: str = "auto"                 # auto (Triton on CUDA, else torch), triton, torch
+    fused_ops: bool = True                  # CUDA: Triton kernels for add+RMSNorm, rotary+KV write, SiLU*up
     fast_path: bool = True                  # false: always run the model through HF modules (generic path)
 
     def validate(self) -> None:

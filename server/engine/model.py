@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionMetadata, paged_attention
+from .attention import AttentionMetadata, attend, write_kv
 
 log = logging.getLogger("lawchat.engine")
 
@@ -68,6 +68,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """-> (RMSNorm(residual + x), residual + x); the first layer passes residual None."""
+    residual = x if residual is None else residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: ModelShape) -> torch.Tensor:
     """x: (T, heads, head_dim); cos/sin: (T, rotary_dim/2) in x's dtype."""
     rd = shape.rotary_dim
@@ -110,6 +121,7 @@ class FastModel:
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         self.cos = self.sin = None
+        self.fused = None                  # triton_ops on CUDA (set by the runner), else the torch ops below
 
     def build_rotary(self, max_len: int) -> None:
         t = torch.arange(max_len, device=self.device, dtype=torch.float32)
@@ -121,22 +133,33 @@ class FastModel:
                 meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: (T,); -> logits (N, vocab) float32 for rows logits_indices (all rows if None)."""
         s = self.shape
+        ops = self.fused if self.fused is not None and input_ids.is_cuda else None
+        norm = ops.add_rms_norm if ops else add_rms_norm
         x = F.embedding(input_ids, self.embed)                          # (T, hidden)
-        cos, sin = self.cos[positions], self.sin[positions]             # (T, rotary_dim/2)
+        residual = None
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        if ops is None:
+            cos, sin = self.cos[positions], self.sin[positions]         # (T, rotary_dim/2)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, s.rms_eps)
+            h, residual = norm(x, residual, layer.input_norm, s.rms_eps)
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)                 # (T, q + 2 kv)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rotary(q.view(-1, s.num_heads, s.head_dim), cos, sin, s)
-            k = apply_rotary(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin, s)
-            v = v.view(-1, s.num_kv_heads, s.head_dim)
-            attn = paged_attention(q, k, v, kv_cache[i], meta)          # (T, heads, head_dim)
-            x = x + F.linear(attn.reshape(-1, q_size), layer.o_w, layer.o_b)
-            h = rms_norm(x, layer.post_norm, s.rms_eps)
-            gate, up = F.linear(h, layer.gate_up_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_w)
+            if ops:   # rotary in place, K/V into the cache, one kernel
+                ops.rotary_write_kv(qkv, positions, self.cos, self.sin, kv_cache[i], meta.slot_mapping,
+                                    s.num_heads, s.num_kv_heads, s.head_dim, s.rotary_dim, s.interleaved_rotary)
+                q, k, v = (t.view(-1, n, s.head_dim) for t, n in zip(qkv.split([q_size, kv_size, kv_size], dim=-1),
+                                                                      (s.num_heads, s.num_kv_heads, s.num_kv_heads)))
+            else:
+                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+                q = apply_rotary(q.view(-1, s.num_heads, s.head_dim), cos, sin, s)
+                k = apply_rotary(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin, s)
+                v = v.view(-1, s.num_kv_heads, s.head_dim)
+                write_kv(kv_cache[i], k, v, meta.slot_mapping)
+            attn = attend(q, k, v, kv_cache[i], meta)                   # (T, heads, head_dim)
+            x = F.linear(attn.reshape(-1, q_size), layer.o_w, layer.o_b)
+            h, residual = norm(x, residual, layer.post_norm, s.rms_eps)
+            gate_up = F.linear(h, layer.gate_up_w)
+            x = F.linear(ops.silu_mul(gate_up) if ops else silu_mul(gate_up), layer.down_w)
         if logits_indices is not None:
-            x = x[logits_indices]
-        x = rms_norm(x, self.final_norm, s.rms_eps)
+            x, residual = x[logits_indices], residual[logits_indices]
+        x, _ = norm(x, residual, self.final_norm, s.rms_eps)
         return F.linear(x, self.lm_head).float()

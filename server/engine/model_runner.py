@@ -136,6 +136,9 @@ class FastRunner(BaseRunner):
             else config.attention
         if self.attention_backend == "triton" and device.type != "cuda":
             raise ValueError("engine.attention: triton needs a CUDA device")
+        if device.type == "cuda" and config.fused_ops:
+            from . import triton_ops
+            self.model.fused = triton_ops
         bytes_per_token = s.num_layers * 2 * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
         self.num_blocks = self._num_blocks(bytes_per_token)
         self.kv_cache = torch.zeros(s.num_layers, 2, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
@@ -143,9 +146,9 @@ class FastRunner(BaseRunner):
         self.max_len = min(self.max_len, (self.num_blocks - 1) * self.block_size)
         self.max_blocks_per_seq = -(-self.max_len // self.block_size)
         self.model.build_rotary(self.max_len)
-        log.info("fast path: %s, KV cache %d blocks x %d tokens (%.2f GiB), max_len %d, attention %s",
-                 type(self).__name__, self.num_blocks, self.block_size,
-                 self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.max_len, self.attention_backend)
+        log.info("fast path: KV cache %d blocks x %d tokens (%.2f GiB), max_len %d, attention %s, fused ops %s",
+                 self.num_blocks, self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30,
+                 self.max_len, self.attention_backend, self.model.fused is not None)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if device.type == "cuda" and config.cuda_graphs and self.attention_backend == "triton":
