@@ -56,11 +56,12 @@ def check_fused_ops() -> None:
     from lawchat_server.engine.model import ModelShape, add_rms_norm, apply_rotary, silu_mul
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
-    x, r, w = (torch.randn(7, 4096, device=dev, dtype=dt) for _ in range(3))
+    x, r = (torch.randn(7, 4096, device=dev, dtype=dt) for _ in range(2))
+    w = torch.randn(4096, device=dev, dtype=dt)
     y_ref, r_ref = add_rms_norm(x, r.clone(), w, 1e-5)
     y, r2 = triton_ops.add_rms_norm(x, r.clone(), w, 1e-5)
     print(f"add_rms_norm: max err y {(y - y_ref).abs().max().item():.4f}, residual {(r2 - r_ref).abs().max().item()}")
-    assert torch.equal(r2, r_ref) and (y.float() - y_ref.float()).abs().max() < 0.07
+    assert torch.equal(r2, r_ref) and (y.float() - y_ref.float()).abs().max() < 0.13   # 1 bf16 ulp at 16
     gu = torch.randn(7, 2 * 13696, device=dev, dtype=dt)
     err = (triton_ops.silu_mul(gu).float() - silu_mul(gu).float()).abs().max().item()
     print(f"silu_mul: max err {err:.4f}")
