@@ -139,9 +139,10 @@ def run_round(target: str, questions: list[str], new_tokens: int, processes: int
                 gap50=q(gaps, .5), gap99=q(gaps, .99), msgs_per_stream=(len(gaps) + len(rows)) / len(rows))
 
 
-def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path,
+                 separate_process: bool = True) -> tuple[subprocess.Popen, str]:
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "server.yaml").read_text())
-    cfg["engine"].update(max_num_seqs=max(max_streams, 1), max_waiting=4096)
+    cfg["engine"].update(max_num_seqs=max(max_streams, 1), max_waiting=4096, separate_process=separate_process)
     cfg_path = log_path.with_suffix(".yaml")
     cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     cmd = [sys.executable, "-m", "lawchat_trainer.cli", "serve", "--model", str(model_dir), "--device", device,
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--clients", type=int, default=8, help="client processes")
+    ap.add_argument("--engine-modes", default="process",
+                    help="comma list: process (engine in its own process, the default) and/or thread (in-process)")
     a = ap.parse_args()
     streams = [int(s) for s in a.streams.split(",")]
 
@@ -187,29 +190,33 @@ def main() -> None:
                 n_bytes += sum(2 * math.prod(st.get_slice(k).get_shape()) for k in st.keys())   # bf16
         bw = copy_bandwidth()
         limit = bw / n_bytes
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log")
-        try:
-            run_round(target, questions[-8:], 16, 2)          # warm-up: connections, first shapes
-            rows, used = [], 0
-            for n in streams:
-                rows.append((n, run_round(target, questions[used:used + n], a.new_tokens, a.clients)))
-                used += n
-        finally:
-            proc.terminate()
-            proc.wait(60)
-            log_tail = (Path(tmp) / "server.log").read_text()[-1500:]
+    results, log_tail = {}, ""
+    for mode in a.engine_modes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log",
+                                        separate_process=mode == "process")
+            try:
+                run_round(target, questions[-8:], 16, 2)          # warm-up: connections, first shapes
+                rows, used = [], 0
+                for n in streams:
+                    rows.append((n, run_round(target, questions[used:used + n], a.new_tokens, a.clients)))
+                    used += n
+                results[mode] = rows
+            finally:
+                proc.terminate()
+                proc.wait(60)
+                log_tail += f"[{mode}] " + (Path(tmp) / "server.log").read_text()[-600:]
     print(f"\ncard: {card} | model: {model_dir} | prompt ~{a.prompt_tokens} tokens, {a.new_tokens} new tokens "
           f"(EOS ignored) | {a.clients} client processes | torch {torch.__version__}")
     if limit:
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {n_bytes / 1e9:.2f} GB -> one-stream limit {limit:.0f} tok/s")
     print(f"baseline HF generate + TextIteratorStreamer, 1 stream: TTFT {hf_ttft * 1e3:.1f} ms, {hf_tok_s:.1f} tok/s")
-    print("| streams | output tok/s | vs HF | vs limit | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
-          "msg gap p50 ms | msg gap p99 ms | msgs/stream |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n, r in rows:
+    print("| engine | streams | output tok/s | vs HF | vs limit | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
+          "TPOT p99 ms | msg gap p50 ms | msg gap p99 ms | msgs/stream |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for mode, n, r in [(m, n, r) for m, rows in results.items() for n, r in rows]:
         vs_limit = f"{r['tok_s'] / limit:.2f}" if limit and n == 1 else "-"
-        print(f"| {n} | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {vs_limit} | {r['ttft50'] * 1e3:.1f} | "
+        print(f"| {mode} | {n} | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {vs_limit} | {r['ttft50'] * 1e3:.1f} | "
               f"{r['ttft99'] * 1e3:.1f} | {r['tpot50'] * 1e3:.2f} | {r['tpot99'] * 1e3:.2f} | {r['gap50'] * 1e3:.2f} | "
               f"{r['gap99'] * 1e3:.2f} | {r['msgs_per_stream']:.0f} |")
     print("server log tail:\n" + log_tail)

@@ -18,6 +18,7 @@ from .admin_service import AdminService
 from .chat_service import ChatService
 from .config import ServerConfig, load_server_config
 from .engine.engine import Engine
+from .engine.engine_process import EngineClient
 from .engine.model_runner import load_runner
 from .metrics import Metrics
 
@@ -30,13 +31,13 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 @dataclass
 class App:
     server: grpc.aio.Server
-    engine: Engine
+    engine: Engine | EngineClient
     health: health.aio.HealthServicer
     metrics: Metrics
     port: int
 
 
-def build_app(engine: Engine, cfg: ServerConfig, model_name: str) -> App:
+def build_app(engine: Engine | EngineClient, cfg: ServerConfig, model_name: str) -> App:
     """Services on a grpc.aio server bound to cfg.host:cfg.port (0 = a free port); nothing started yet."""
     metrics = Metrics()
     metrics.watch_engine(engine)
@@ -93,13 +94,20 @@ class ThreadedServer:
         self.call(stop_app(self.app, grace), timeout=None)
 
 
+def load_engine(model_dir: Path, cfg: ServerConfig):
+    """The model loaded and warmed up, behind an Engine here or an EngineClient of a separate process."""
+    kw = dict(device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, config=cfg.engine)
+    if cfg.engine.separate_process:
+        return EngineClient(model_dir, **kw)
+    runner = load_runner(model_dir, **kw)
+    runner.warmup()
+    return Engine(runner)
+
+
 async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | None = None) -> None:
     """Load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down."""
     model_dir = Path(model_dir)
-    runner = load_runner(model_dir, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         config=cfg.engine)
-    runner.warmup()
-    app = build_app(Engine(runner), cfg, model_dir.name)
+    app = build_app(await asyncio.to_thread(load_engine, model_dir, cfg), cfg, model_dir.name)
     http_server, _ = app.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
     await start_app(app)
 
@@ -112,7 +120,7 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
             pass
     # One line that scripts and tests wait for: where to connect.
     print(f"lawchat serve: ready grpc={cfg.host}:{app.port} metrics=http://{cfg.metrics_host}:{http_server.server_port}"
-          f"/metrics model={model_dir} device={runner.device}", flush=True)
+          f"/metrics model={model_dir} device={app.engine.device}", flush=True)
 
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", cfg.grace_seconds)

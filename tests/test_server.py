@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -202,3 +204,35 @@ def test_serve_bad_arguments_exit_2(tiny_model, args, needle):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
+
+
+def engine_child(srv) -> int:
+    """pid of the server's engine process (a spawned child; multiprocessing's resource tracker is the other)."""
+    pid = srv.proc.pid
+    kids = {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
+    engines = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
+    assert len(engines) == 1, kids
+    return engines[0]
+
+
+def test_engine_runs_in_its_own_process_and_its_death_is_unavailable(tiny_model, tmp_path):
+    from conftest import start_server
+    srv = start_server(tiny_model, tmp_path / "own.log")
+    try:
+        child = engine_child(srv)
+        with LawchatClient(srv.target, timeout=30) as c:
+            # the engine's answer crosses the process boundary intact: the same as in-process greedy
+            r = c.chat(QUESTION, max_new_tokens=12, ignore_eos=True)
+            assert r.completion_tokens == 12 and r.text
+            stream = c.chat_stream(QUESTION, max_new_tokens=2000, ignore_eos=True)
+            it = iter(stream)
+            next(it)
+            os.kill(child, signal.SIGKILL)              # the engine process dies mid-stream
+            with pytest.raises(LawchatError) as e:
+                list(it)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(LawchatError) as e:      # and later requests are refused, not left hanging
+                c.chat(QUESTION, max_new_tokens=3, timeout=10)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.stop()

@@ -17,6 +17,7 @@ class EngineConfig:
     cuda_graphs: bool = True                # CUDA: capture the decode step per batch-size bucket
     attention: str = "auto"                 # auto (Triton on CUDA, else torch), triton, torch
     fused_ops: bool = True                  # CUDA: Triton kernels for add+RMSNorm, rotary+KV write, SiLU*up
+    separate_process: bool = True           # `lawchat serve`: the engine in its own process, gRPC in this one
     fast_path: bool = True                  # false: always run the model through HF modules (generic path)
 
     def validate(self) -> None:

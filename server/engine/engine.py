@@ -72,20 +72,51 @@ class EngineStats:
 
 
 class _Job:
-    """Caller-side state of one request: where its chunks go, and its text pipeline (output thread only)."""
+    """One request inside the engine: its sequence, its text pipeline (output thread only), where chunks go."""
 
-    def __init__(self, seq: Sequence, request: GenerationRequest, tokenizer, loop: asyncio.AbstractEventLoop):
+    def __init__(self, seq: Sequence, request: GenerationRequest, tokenizer, sink, tag=None):
         self.seq = seq
-        self.loop = loop
-        self.out: asyncio.Queue = asyncio.Queue()
+        self.sink = sink                      # .deliver([(job, Chunk | exception), ...]) once per step
+        self.tag = tag                        # the caller's handle (a queue, a remote request id)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stopper = StopSequenceMatcher(request.stop_sequences)
         self.done = False
 
 
-def _deliver(items: list) -> None:
-    for job, item in items:
-        job.out.put_nowait(item)
+class AsyncSink:
+    """Delivers to asyncio callers: one callback per step on their loop puts each chunk in its job's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+
+    def deliver(self, items: list) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:                  # that loop is closed: its callers are gone
+            pass
+
+
+def _put_all(items: list) -> None:
+    for queue_or_job, item in items:
+        queue_or_job.put_nowait(item)
+
+
+async def read_chunks(out: asyncio.Queue) -> AsyncIterator[Chunk]:
+    """Chunks from a job's queue until the final one; exceptions are raised. A slow reader gets the queued
+    deltas merged into one chunk (one gRPC message instead of many)."""
+    while True:
+        items = [await out.get()]
+        while not out.empty():
+            items.append(out.get_nowait())
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        last = items[-1]
+        chunk = last if len(items) == 1 else Chunk("".join(c.delta for c in items), last.finish_reason,
+                                                   last.prompt_tokens, last.completion_tokens, last.token_ids)
+        yield chunk
+        if chunk.finish_reason is not None:
+            return
 
 
 class Engine:
@@ -154,13 +185,14 @@ class Engine:
         if self._out_thread.is_alive():
             self._out_thread.join(timeout)
 
-    # -- caller side (event loop) ----------------------------------------------------------------
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    # -- caller side ---------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink, tag=None) -> _Job:
+        """Queue a request (any thread); its chunks go to sink.deliver as (tag, chunk) pairs."""
         if len(request.prompt_ids) + 1 > self.max_len:
             raise ValueError(f"prompt of {len(request.prompt_ids)} tokens does not fit max_len {self.max_len}")
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         seq = Sequence(request.prompt_ids, request.sampling, request.max_new_tokens, seed, request.ignore_eos)
-        job = _Job(seq, request, self.tokenizer, asyncio.get_running_loop())
+        job = _Job(seq, request, self.tokenizer, sink, tag)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
@@ -168,25 +200,23 @@ class Engine:
                 raise EngineOverloaded(f"{self.waiting} requests already waiting")
             self._inbox.append(job)
             self._cond.notify()
+        return job
+
+    def abort(self, job: _Job) -> None:
+        """The caller is gone (cancel, deadline): free the sequence's slot at the next step."""
+        if job.seq.status is not Status.FINISHED:
+            job.seq.aborted = True
+            with self._cond:
+                self._cond.notify()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        out: asyncio.Queue = asyncio.Queue()
+        job = self.submit(request, AsyncSink(asyncio.get_running_loop()), out)
         try:
-            while True:
-                items = [await job.out.get()]
-                while not job.out.empty():          # a slow reader gets the queued deltas as one message
-                    items.append(job.out.get_nowait())
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                last = items[-1]
-                chunk = last if len(items) == 1 else Chunk("".join(c.delta for c in items), last.finish_reason,
-                                                           last.prompt_tokens, last.completion_tokens, last.token_ids)
+            async for chunk in read_chunks(out):
                 yield chunk
-                if chunk.finish_reason is not None:
-                    return
         finally:
-            if seq.status is not Status.FINISHED:   # client gone or deadline: free its slot at the next step
-                seq.aborted = True
-                with self._cond:
-                    self._cond.notify()
+            self.abort(job)
 
     # -- engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -284,35 +314,37 @@ class Engine:
             outputs = self._outputs.get()
             if outputs is None:
                 return
-            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            by_sink: dict[int, tuple[object, list]] = {}
             for job, tok, finish, n_out in outputs:
                 if job.done:
                     continue
-                if isinstance(tok, BaseException):
-                    job.done = True
-                    by_loop.setdefault(job.loop, []).append((job, tok))
-                    continue
-                if finish == EOS:
-                    text = job.stopper.flush()
-                else:
-                    text, stopped = job.stopper.feed(job.detok.push(tok))
-                    if stopped:
-                        finish = STOP_SEQUENCE
-                        job.seq.aborted = True        # the engine drops it at its next step
-                    elif finish == MAX_TOKENS:
-                        text += job.stopper.flush()
-                if finish is not None:
-                    job.done = True
-                if text or finish is not None:
-                    ids = job.seq.token_ids[job.seq.num_prompt:job.seq.num_prompt + n_out] if finish else []
-                    by_loop.setdefault(job.loop, []).append(
-                        (job, Chunk(text, finish, job.seq.num_prompt, n_out, ids)))
-            for loop, items in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver, items)
-                except RuntimeError:                  # that loop is closed: its callers are gone
-                    pass
+                item = self._to_chunk(job, tok, finish, n_out)
+                if item is not None:
+                    by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job.tag, item))
+            for sink, items in by_sink.values():
+                sink.deliver(items)
 
+    @staticmethod
+    def _to_chunk(job: _Job, tok, finish: str | None, n_out: int):
+        """One sampled token (or an error) -> the chunk to send, or None while text is held back."""
+        if isinstance(tok, BaseException):
+            job.done = True
+            return tok
+        if finish == EOS:
+            text = job.stopper.flush()
+        else:
+            text, stopped = job.stopper.feed(job.detok.push(tok))
+            if stopped:
+                finish = STOP_SEQUENCE
+                job.seq.aborted = True        # the engine drops it at its next step
+            elif finish == MAX_TOKENS:
+                text += job.stopper.flush()
+        if finish is not None:
+            job.done = True
+        if not text and finish is None:
+            return None
+        ids = job.seq.token_ids[job.seq.num_prompt:job.seq.num_prompt + n_out] if finish else []
+        return Chunk(text, finish, job.seq.num_prompt, n_out, ids)
 
 def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int | list[int],
                    sampling: SamplingParams = SamplingParams()) -> list[Chunk]:
