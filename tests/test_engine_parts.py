@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lawchat_server.engine.config import EngineConfig
-from lawchat_server.engine.detokenizer import IncrementalDetokenizer
+from lawchat_server.engine.detokenizer import IncrementalDetokenizer, make_detokenizer
 from lawchat_server.engine.engine import Engine, EngineOverloaded, GenerationRequest
 from lawchat_server.engine.model_runner import load_runner
 from lawchat_server.engine.sampler import SamplingBatch, SamplingParams, gumbel_noise, sample
@@ -21,13 +21,13 @@ def test_detokenizer_never_splits_a_character(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = tok.encode(TEXT, add_special_tokens=False)
     assert len(ids) > len(TEXT) // 2   # rare characters really are several byte-level tokens
-    detok = IncrementalDetokenizer(tok)
-    deltas = [detok.push(i) for i in ids]
-    assert "".join(deltas) == TEXT
-    assert all("\ufffd" not in d for d in deltas)
-    assert "" in deltas                 # some tokens ended mid-character and were held back
-    for d in deltas:                    # each delta is whole characters of the text, in order
-        assert d == "" or d in TEXT
+    for detok in (IncrementalDetokenizer(tok), make_detokenizer(tok)):   # the decode path and the table path
+        deltas = [detok.push(i) for i in ids]
+        assert "".join(deltas) == TEXT
+        assert all("\ufffd" not in d for d in deltas)
+        assert "" in deltas                 # some tokens ended mid-character and were held back
+        for d in deltas:                    # each delta is whole characters of the text, in order
+            assert d == "" or d in TEXT
 
 
 def test_detokenizer_drops_stray_bytes_the_model_emits(tiny_model):
@@ -37,9 +37,26 @@ def test_detokenizer_drops_stray_bytes_the_model_emits(tiny_model):
     stray = pieces[-1]                                       # its last byte alone is no character
     ids = tok.encode("劳动", add_special_tokens=False) + [stray] + tok.encode("合同", add_special_tokens=False)
     assert "\ufffd" in tok.decode(ids)
-    detok = IncrementalDetokenizer(tok)
-    deltas = [detok.push(i) for i in ids]
-    assert "".join(deltas) == "劳动合同"
+    for detok in (IncrementalDetokenizer(tok), make_detokenizer(tok)):   # the decode path and the table path
+        assert "".join(detok.push(i) for i in ids) == "劳动合同"
+
+
+@pytest.mark.parametrize("grow", [0, 3000])
+def test_byte_table_detokenizer_equals_the_tokenizers_decode(tiny_model, grow):
+    """The table path (ByteLevel tokenizers) gives HF's decode, stray bytes dropped, for any id sequence,
+    special and added tokens included (grow: the benchmark tokenizer's added CJK tokens)."""
+    import random
+
+    from lawchat_server.engine.detokenizer import ByteDetokenizer, make_detokenizer
+    from lawchat_trainer.random_model import grow_tokenizer
+    tok = grow_tokenizer(tiny_model, grow) if grow else AutoTokenizer.from_pretrained(tiny_model)
+    assert isinstance(make_detokenizer(tok), ByteDetokenizer)
+    rng = random.Random(grow)
+    for _ in range(500):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        detok = make_detokenizer(tok)
+        ref = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).replace("\ufffd", "")
+        assert "".join(detok.push(i) for i in ids) == ref, ids
 
 
 def test_stop_sequence_matcher_holds_back_prefixes():

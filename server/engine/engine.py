@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import make_detokenizer
 from .sampler import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -78,7 +78,7 @@ class _Job:
         self.seq = seq
         self.sink = sink                      # .deliver([(job, Chunk | exception), ...]) once per step
         self.tag = tag                        # the caller's handle (a queue, a remote request id)
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = make_detokenizer(tokenizer)
         self.stopper = StopSequenceMatcher(request.stop_sequences)
         self.done = False
 
