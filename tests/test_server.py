@@ -236,3 +236,32 @@ def test_engine_runs_in_its_own_process_and_its_death_is_unavailable(tiny_model,
             assert e.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()
+
+
+def test_full_queue_of_the_engine_process_is_resource_exhausted(tiny_model, tmp_path):
+    """The engine process's wait bound crosses the pipe: one running, one waiting, the third is refused."""
+    import yaml
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import ROOT, start_server
+    cfg = yaml.safe_load((ROOT / "configs" / "server.yaml").read_text(encoding="utf-8"))
+    cfg["engine"].update(max_num_seqs=1, max_waiting=1)
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    srv = start_server(tiny_model, tmp_path / "own.log", "--config", str(tmp_path / "server.yaml"))
+    try:
+        with LawchatClient(srv.target, timeout=120) as c, ThreadPoolExecutor(2) as pool:
+            first = c.chat_stream(QUESTION, max_new_tokens=2000, ignore_eos=True)
+            it = iter(first)
+            next(it)                                                    # running
+            second = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=3, ignore_eos=True))
+            deadline = time.monotonic() + 10
+            while c.status()["requests_waiting"] < 1:                  # waiting (stats cross every 0.5 s)
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            with pytest.raises(LawchatError) as e:
+                c.chat(QUESTION, max_new_tokens=3)
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.retry_after > 0
+            first.cancel()                                              # the slot frees, the waiting one runs
+            assert second.result(60).completion_tokens == 3
+    finally:
+        srv.stop()
