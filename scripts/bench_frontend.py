@@ -41,7 +41,7 @@ class InstantEngine:
     def stats(self):
         return EngineStats(0, 0, 0, 0, 1, 0, 0, 0, 0)
 
-    async def stream(self, request):
+    async def stream(self, request, stall_seconds=None):
         n = request.max_new_tokens
         for i in range(self.step, n + 1, self.step):
             done = i >= n

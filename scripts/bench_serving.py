@@ -143,6 +143,7 @@ def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path,
                  separate_process: bool = True) -> tuple[subprocess.Popen, str]:
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "server.yaml").read_text())
     cfg["engine"].update(max_num_seqs=max(max_streams, 1), max_waiting=4096, separate_process=separate_process)
+    cfg["limits"]["client_requests"] = {"rate": 0, "burst": 0}     # every benchmark client is one peer IP
     cfg_path = log_path.with_suffix(".yaml")
     cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     cmd = [sys.executable, "-m", "lawchat_trainer.cli", "serve", "--model", str(model_dir), "--device", device,

@@ -1,29 +1,101 @@
-"""admin_service: lawchat.v1.AdminService — what the server runs and how busy it is."""
+"""admin_service: lawchat.v1.AdminService — status, the degraded switch, limits, model reload, drain."""
 from __future__ import annotations
 
+import logging
 import time
 
+import grpc
 from lawchat.v1 import admin_pb2, admin_pb2_grpc
 
 from . import __version__
+from .breaker import Breaker
+from .engine_slot import EngineSlot, ReloadError
+from .limiter import Limiter, LimitsConfig, Rate
+
+log = logging.getLogger("lawchat.admin")
+
+BREAKER_STATES = {"closed": admin_pb2.BREAKER_STATE_CLOSED, "open": admin_pb2.BREAKER_STATE_OPEN,
+                  "half_open": admin_pb2.BREAKER_STATE_HALF_OPEN}
+RELOAD_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "busy": grpc.StatusCode.ABORTED,
+                "failed": grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def limits_message(cfg: LimitsConfig) -> admin_pb2.Limits:
+    return admin_pb2.Limits(**{name: admin_pb2.RateLimit(rate=getattr(cfg, name).rate, burst=getattr(cfg, name).burst)
+                               for name in LimitsConfig.RATES})
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, engine, model_name: str):
-        self.engine = engine
-        self.model_name = model_name
+    def __init__(self, slot: EngineSlot, breaker: Breaker, limiter: Limiter, auth_enabled: bool,
+                 grace_seconds: float, on_drain=None):
+        self.slot, self.breaker, self.limiter = slot, breaker, limiter
+        self.auth_enabled = auth_enabled
+        self.grace_seconds = grace_seconds
+        self.on_drain = on_drain            # async callback: health NOT_SERVING
         self.started = time.monotonic()
 
+    def _degraded(self) -> admin_pb2.DegradedSwitch:
+        return admin_pb2.DegradedSwitch(enabled=self.breaker.switch_on, reason=self.breaker.switch_reason)
+
     async def GetStatus(self, request, context) -> admin_pb2.GetStatusResponse:
-        e = self.engine
+        b = self.breaker
+        resp = admin_pb2.GetStatusResponse(
+            uptime_seconds=time.monotonic() - self.started, version=__version__,
+            breaker=admin_pb2.BreakerStatus(state=BREAKER_STATES[b.state], consecutive_failures=b.failures,
+                                            failure_threshold=b.config.failure_threshold,
+                                            open_remaining_seconds=b.open_remaining, last_failure=b.last_failure),
+            limits=limits_message(self.limiter.config), degraded=self._degraded(), draining=self.slot.draining,
+            auth_enabled=self.auth_enabled)
+        e = self.slot.engine
+        if e is None:                      # the first model is still loading
+            return resp
         st, runner = e.stats(), e.runner
         hit_rate = st.prefix_cache_hits / st.prefix_cache_queries if st.prefix_cache_queries else 0.0
-        engine = admin_pb2.EngineStatus(
+        resp.engine.CopyFrom(admin_pb2.EngineStatus(
             path=runner.path, attention=runner.attention_backend,
             cuda_graph_batch_sizes=runner.graph_batch_sizes, batch_size=st.batch_size,
             kv_blocks_used=st.kv_blocks_used, kv_blocks_total=st.kv_blocks_total, kv_block_size=runner.block_size,
-            prefix_cache_hit_rate=hit_rate, preemptions=st.preemptions, max_len=e.max_len)
-        return admin_pb2.GetStatusResponse(
-            model=self.model_name, device=str(e.device), dtype=str(e.dtype).removeprefix("torch."),
-            uptime_seconds=time.monotonic() - self.started,
-            requests_in_flight=st.running, requests_waiting=st.waiting, version=__version__, engine=engine)
+            prefix_cache_hit_rate=hit_rate, preemptions=st.preemptions, max_len=e.max_len))
+        resp.model, resp.model_path = self.slot.model_path.name, str(self.slot.model_path)
+        resp.device, resp.dtype = str(e.device), str(e.dtype).removeprefix("torch.")
+        resp.requests_in_flight, resp.requests_waiting = st.running, st.waiting
+        return resp
+
+    async def SetDegraded(self, request, context) -> admin_pb2.SetDegradedResponse:
+        if len(request.reason) > 500:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: at most 500 characters")
+        self.breaker.set_switch(request.enabled, request.reason)
+        return admin_pb2.SetDegradedResponse(degraded=self._degraded())
+
+    async def UpdateLimits(self, request, context) -> admin_pb2.UpdateLimitsResponse:
+        changes = {}
+        for name in LimitsConfig.RATES:
+            if not request.limits.HasField(name):
+                continue
+            msg, old = getattr(request.limits, name), getattr(self.limiter.config, name)
+            changes[name] = Rate(rate=msg.rate if msg.HasField("rate") else old.rate,
+                                 burst=msg.burst if msg.HasField("burst") else old.burst)
+        try:
+            cfg = self.limiter.update(**changes)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.warning("limits updated: %s", {k: (v.rate, v.burst) for k, v in changes.items()})
+        return admin_pb2.UpdateLimitsResponse(limits=limits_message(cfg))
+
+    async def ReloadModel(self, request, context) -> admin_pb2.ReloadModelResponse:
+        try:
+            previous, seconds = await self.slot.reload(request.model_path)
+        except ReloadError as e:
+            await context.abort(RELOAD_CODES[e.code], str(e))
+        return admin_pb2.ReloadModelResponse(model_path=str(self.slot.model_path),
+                                             previous_model_path=str(previous or ""), load_seconds=seconds)
+
+    async def Drain(self, request, context) -> admin_pb2.DrainResponse:
+        timeout = request.timeout_seconds or self.grace_seconds
+        if not 0 <= timeout <= 86400:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be in [0, 86400]")
+        if not self.slot.draining and self.on_drain is not None:
+            await self.on_drain()
+        left = await self.slot.drain(timeout)
+        log.warning("drain: %s", "empty" if left == 0 else f"{left} requests still in flight after {timeout:g} s")
+        return admin_pb2.DrainResponse(drained=left == 0, in_flight=left)

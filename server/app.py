@@ -1,4 +1,5 @@
-"""app: wire the model, engine, gRPC services (chat, admin, health, reflection) and /metrics; run until signalled."""
+"""app: wire the engine slot, guards (auth, limiter, breaker), gRPC services (chat, admin, health, reflection)
+and /metrics; bind the port before the model loads; run until signalled."""
 from __future__ import annotations
 
 import asyncio
@@ -15,11 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from lawchat.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 from .admin_service import AdminService
+from .auth import AuthInterceptor, KeyStore, server_credentials
+from .breaker import Breaker
 from .chat_service import ChatService
 from .config import ServerConfig, load_server_config
 from .engine.engine import Engine
 from .engine.engine_process import EngineClient
 from .engine.model_runner import load_runner
+from .engine_slot import EngineSlot
+from .limiter import Limiter
 from .metrics import Metrics
 
 log = logging.getLogger("lawchat.server")
@@ -28,60 +33,115 @@ CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_POLL_S = 1.0
+
+
 @dataclass
 class App:
     server: grpc.aio.Server
-    engine: Engine | EngineClient
+    slot: EngineSlot
+    chat: ChatService
     health: health.aio.HealthServicer
     metrics: Metrics
+    breaker: Breaker
+    limiter: Limiter
+    keys: KeyStore
     port: int
+    watcher: asyncio.Task | None = None
 
 
-def build_app(engine: Engine | EngineClient, cfg: ServerConfig, model_name: str) -> App:
-    """Services on a grpc.aio server bound to cfg.host:cfg.port (0 = a free port); nothing started yet."""
-    metrics = Metrics()
-    metrics.watch_engine(engine)
+def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
+    """Services on a grpc.aio server bound to cfg.host:cfg.port (0 = a free port); nothing started yet.
+    The slot may still be empty: the port is taken before the model loads, so a clash fails at once."""
+    keys = KeyStore(cfg.auth)
+    limiter, breaker, metrics = Limiter(cfg.limits), Breaker(cfg.breaker), Metrics()
+    metrics.watch(slot, breaker)
+    transport_cap = max(4 << 20, 4 * cfg.generation.max_request_bytes)   # above it gRPC itself answers RESOURCE_EXHAUSTED
     # so_reuseport off: a second server on a taken port must fail, not silently share it
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatService(engine, cfg.generation, metrics), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(engine, model_name), server)
+    server = grpc.aio.server(interceptors=[AuthInterceptor(keys)],
+                             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", transport_cap)])
     health_servicer = health.aio.HealthServicer()
+    chat = ChatService(slot, cfg, metrics, limiter, breaker, keys)
+
+    async def on_drain():
+        slot.draining = True
+        for name in ("", CHAT_SERVICE):
+            await health_servicer.set(name, NOT_SERVING)
+
+    admin = AdminService(slot, breaker, limiter, keys.enabled, cfg.grace_seconds, on_drain)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (CHAT_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{cfg.host}:{cfg.port}"
     try:
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if cfg.tls.enabled:
+            port = server.add_secure_port(address, server_credentials(cfg.tls))
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as e:  # grpcio raises RuntimeError when the address is taken
-        raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+        raise OSError(f"cannot listen on {address}: {e}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
-    return App(server, engine, health_servicer, metrics, port)
+        raise OSError(f"cannot listen on {address}")
+    if not keys.enabled:
+        log.warning("AUTH IS OFF: anyone who can reach %s may chat AND use AdminService (reload, drain, limits). "
+                    "Fine for a local demo; set auth.enabled with keys for anything else.", address)
+    if not cfg.tls.enabled and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("TLS is off on %s: questions and answers cross the network in plain text", address)
+    return App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port)
 
 
 async def start_app(app: App) -> None:
-    app.engine.start()
+    """Start serving: health NOT_SERVING (chat UNAVAILABLE) until the slot has an engine."""
     await app.server.start()
-    for name in ("", CHAT_SERVICE, ADMIN_SERVICE):
-        await app.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", CHAT_SERVICE):
+        await app.health.set(name, NOT_SERVING)
+    await app.health.set(ADMIN_SERVICE, SERVING)
+    app.watcher = asyncio.create_task(watch_health(app))
+
+
+async def watch_health(app: App) -> None:
+    """ChatService health follows the engine: SERVING while one is loaded and alive and not draining, so a
+    balancer moves traffic away from a replica whose engine died (it still answers, with canned text)."""
+    last = None
+    while True:
+        engine = app.slot.engine
+        ok = engine is not None and getattr(engine, "alive", True) and not app.slot.draining
+        if ok != last:
+            for name in ("", CHAT_SERVICE):
+                await app.health.set(name, SERVING if ok else NOT_SERVING)
+            if last is not None and not ok and not app.slot.draining:
+                log.error("the engine is not alive: health NOT_SERVING")
+            last = ok
+        await asyncio.sleep(HEALTH_POLL_S)
 
 
 async def stop_app(app: App, grace: float) -> None:
     """Report NOT_SERVING, let in-flight RPCs finish for `grace` seconds (new ones get UNAVAILABLE), stop."""
+    if app.watcher is not None:
+        app.watcher.cancel()
+    app.chat.stopping = True
     await app.health.enter_graceful_shutdown()
     await app.server.stop(grace)
-    app.engine.stop()
+    app.slot.stop()
 
 
 class ThreadedServer:
-    """build_app + start_app on an event loop in a daemon thread, for sync callers (benchmarks, tests, notebooks)."""
+    """build_app + start_app on an event loop in a daemon thread, for sync callers (benchmarks, tests, notebooks).
+    `engine` is an Engine not yet started; `loader` (model dir -> started engine) enables ReloadModel."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig, model_name: str = "model"):
+    def __init__(self, engine: Engine, cfg: ServerConfig, model_name: str = "model", loader=None):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="lawchat-grpc", daemon=True).start()
+        slot = EngineSlot(loader)
 
         async def build_and_start():   # grpc.aio objects belong to the loop they are made on
-            app = build_app(engine, cfg, model_name)
+            app = build_app(cfg, slot)
             await start_app(app)
+            engine.start()
+            slot.set(engine, Path(model_name))
             return app
 
         self.app = self.call(build_and_start())
@@ -95,21 +155,43 @@ class ThreadedServer:
 
 
 def load_engine(model_dir: Path, cfg: ServerConfig):
-    """The model loaded and warmed up, behind an Engine here or an EngineClient of a separate process."""
+    """The model loaded and warmed up, behind a started Engine here or an EngineClient of a separate process."""
     kw = dict(device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, config=cfg.engine)
     if cfg.engine.separate_process:
         return EngineClient(model_dir, **kw)
     runner = load_runner(model_dir, **kw)
     runner.warmup()
-    return Engine(runner)
+    engine = Engine(runner)
+    engine.start()
+    return engine
+
+
+async def _in_thread(fn, *args):
+    """fn(*args) in a daemon thread: unlike asyncio.to_thread, a signal during a long model load can end the
+    process without waiting for the load to finish."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def run():
+        try:
+            result = fn(*args)
+        except BaseException as e:   # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
+        else:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+    threading.Thread(target=run, name="lawchat-load", daemon=True).start()
+    return await fut
 
 
 async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | None = None) -> None:
-    """Load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down."""
+    """Bind, then load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down."""
     model_dir = Path(model_dir)
-    app = build_app(await asyncio.to_thread(load_engine, model_dir, cfg), cfg, model_dir.name)
+    slot = EngineSlot(loader=lambda path: load_engine(path, cfg))
+    app = build_app(cfg, slot)                    # the port is taken now: a clash fails before the load
     http_server, _ = app.metrics.serve_http(cfg.metrics_host, cfg.metrics_port)
     await start_app(app)
+    log.info("listening on %s:%d (health NOT_SERVING until the model is loaded); loading %s",
+             cfg.host, app.port, model_dir)
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -118,11 +200,24 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    load = asyncio.ensure_future(_in_thread(load_engine, model_dir, cfg))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not load.done() or load.exception() is not None:
+        stopped.cancel()
+        await stop_app(app, 0)
+        http_server.shutdown()
+        if load.done():
+            raise load.exception()
+        log.info("stopped while loading")
+        return
+    slot.set(load.result(), model_dir)
     # One line that scripts and tests wait for: where to connect.
+    scheme = "tls" if cfg.tls.enabled else "grpc"
     print(f"lawchat serve: ready grpc={cfg.host}:{app.port} metrics=http://{cfg.metrics_host}:{http_server.server_port}"
-          f"/metrics model={model_dir} device={app.engine.device}", flush=True)
+          f"/metrics model={model_dir} device={slot.engine.device} transport={scheme}", flush=True)
 
-    await stop.wait()
+    await stopped
     log.info("shutting down: draining for up to %.0f s", cfg.grace_seconds)
     await stop_app(app, cfg.grace_seconds)
     http_server.shutdown()

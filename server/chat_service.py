@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
@@ -15,21 +16,38 @@ from collections.abc import AsyncIterator
 import grpc
 from lawchat.v1 import chat_pb2, chat_pb2_grpc
 
-from .engine.engine import EOS, MAX_TOKENS, STOP_SEQUENCE, Chunk, EngineClosed, EngineOverloaded, GenerationRequest
+from .auth import KeyStore, client_id
+from .breaker import Breaker, EngineFailure
+from .config import ServerConfig
+from .degraded import canned_deltas
+from .engine.engine import (EOS, MAX_TOKENS, STOP_SEQUENCE, Chunk, EngineClosed, EngineOverloaded, EngineStalled,
+                            GenerationRequest)
+from .engine_slot import EngineSlot
+from .limiter import Limiter
 from .metrics import Metrics
 from .prompt import PromptError
-from .params import GenerationDefaults, InvalidRequest, parse_messages, parse_sampling, parse_stopping
+from .params import InvalidRequest, parse_messages, parse_sampling, parse_stopping
 
 log = logging.getLogger("lawchat.rpc")
 
+DEGRADED = "degraded"
 FINISH_REASONS = {
     EOS: chat_pb2.FINISH_REASON_EOS_TOKEN,
     MAX_TOKENS: chat_pb2.FINISH_REASON_MAX_TOKENS,
     STOP_SEQUENCE: chat_pb2.FINISH_REASON_STOP_SEQUENCE,
+    DEGRADED: chat_pb2.FINISH_REASON_DEGRADED,
 }
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-RETRY_AFTER_MS = "1000"
+QUEUE_RETRY_AFTER_MS = 1000     # the engine's wait queue is full: no bucket to compute from
 DEADLINE_SLACK_S = 0.1
+
+
+class Refused(Exception):
+    """Ends the RPC with `code` before any text; `retry_after_ms` goes into the trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.code, self.retry_after_ms = code, retry_after_ms
 
 
 def request_id_of(context) -> str:
@@ -44,88 +62,144 @@ def usage_of(chunk: Chunk) -> chat_pb2.Usage:
 
 
 class ChatService(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, engine, defaults: GenerationDefaults, metrics: Metrics):
-        self.engine = engine
-        self.defaults = defaults
-        self.metrics = metrics
+    def __init__(self, slot: EngineSlot, cfg: ServerConfig, metrics: Metrics, limiter: Limiter, breaker: Breaker,
+                 keys: KeyStore):
+        self.slot, self.cfg, self.metrics = slot, cfg, metrics
+        self.defaults = cfg.generation
+        self.limiter, self.breaker, self.keys = limiter, breaker, keys
+        self.stopping = False        # set by the app at shutdown: an engine closing then is not a failure
 
     async def ChatStream(self, request, context) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
-        async for chunk in self._generate("ChatStream", request, context):
+        async for chunk, degraded in self._generate("ChatStream", request, context):
             if chunk.finish_reason is None:
-                yield chat_pb2.ChatStreamResponse(delta=chunk.delta)
+                yield chat_pb2.ChatStreamResponse(delta=chunk.delta, degraded=degraded)
             else:
                 yield chat_pb2.ChatStreamResponse(delta=chunk.delta, finish_reason=FINISH_REASONS[chunk.finish_reason],
-                                                  usage=usage_of(chunk))
+                                                  usage=usage_of(chunk), degraded=degraded)
 
     async def Chat(self, request, context) -> chat_pb2.ChatResponse:
-        parts, last = [], None
-        async for chunk in self._generate("Chat", request, context):
+        parts, last, degraded = [], None, False
+        async for chunk, degraded in self._generate("Chat", request, context):
             parts.append(chunk.delta)
             last = chunk
         return chat_pb2.ChatResponse(text="".join(parts), finish_reason=FINISH_REASONS[last.finish_reason],
-                                     usage=usage_of(last))
+                                     usage=usage_of(last), degraded=degraded)
 
-    def _build_request(self, request) -> GenerationRequest:
-        messages = parse_messages(request)
-        sampling = parse_sampling(request, self.defaults)
-        max_new, stops = parse_stopping(request, self.defaults)
+    def _build_request(self, engine, messages, sampling, max_new, stops, ignore_eos) -> GenerationRequest:
         try:
-            prompt_ids = self.engine.encode_chat(messages)
+            prompt_ids = engine.encode_chat(messages)
         except PromptError as e:
             raise InvalidRequest(str(e)) from None
-        room = self.engine.max_len - len(prompt_ids)
+        room = engine.max_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
-                                 f"{self.engine.max_len - 1}")
-        return GenerationRequest(prompt_ids, sampling, min(max_new, room), stops,
-                                 ignore_eos=request.stopping.ignore_eos)
+                                 f"{engine.max_len - 1}")
+        return GenerationRequest(prompt_ids, sampling, min(max_new, room), stops, ignore_eos=ignore_eos)
 
-    async def _generate(self, method: str, request, context) -> AsyncIterator[Chunk]:
+    def _admit(self, request, context) -> tuple[str, tuple]:
+        """Checks that need no model, cheapest first: serving at all, the request itself, the rate limits."""
+        if self.slot.draining:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is draining; use another replica")
+        if self.slot.engine is None:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        parsed = (parse_messages(request, self.defaults), parse_sampling(request, self.defaults),
+                  *parse_stopping(request, self.defaults), request.stopping.ignore_eos)
+        client = client_id(context, self.keys)
+        decision = self.limiter.admit(client)
+        if not decision.admitted:
+            self.metrics.rate_limited.labels(decision.reason).inc()
+            ms = max(1, math.ceil(decision.retry_after * 1000))
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"rate limit ({decision.reason}) reached; retry in {ms} ms", ms)
+        self.metrics.admitted.inc()
+        return client, parsed
+
+    async def _canned(self, reason: str) -> AsyncIterator[Chunk]:
+        self.metrics.degraded.labels(reason).inc()
+        deltas = canned_deltas(self.cfg.degraded.message)
+        for d in deltas[:-1]:
+            yield Chunk(d)
+        yield Chunk(deltas[-1], DEGRADED)
+
+    async def _generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool]]:
         rid = request_id_of(context)
         await context.send_initial_metadata((("x-request-id", rid),))
-        m = self.metrics
+        m, breaker = self.metrics, self.breaker
         t0 = time.perf_counter()
-        t_last = ttft = None
-        code, last = "OK", None
-        try:
+        t_last = ttft = ticket = None
+        code, last, degraded = "OK", None, False
+        with self.slot.request():
             try:
-                gen_request = await asyncio.to_thread(self._build_request, request)   # tokenising is CPU work
-                async for chunk in self.engine.stream(gen_request):
-                    now = time.perf_counter()
-                    if ttft is None:
-                        ttft = now - t0
-                        m.ttft.observe(ttft)
+                try:
+                    client, parsed = self._admit(request, context)
+                    with self.slot.lease() as engine:
+                        verdict = breaker.admit()
+                        if isinstance(verdict, str):       # breaker open or switch on: no model, the canned answer
+                            degraded, stream = True, self._canned(verdict)
+                        else:
+                            ticket = verdict
+                            gen_request = await asyncio.to_thread(self._build_request, engine, *parsed)  # CPU work
+                            stream = engine.stream(gen_request, self.cfg.breaker.stall_seconds)
+                        charged = 0
+                        async for chunk in stream:
+                            now = time.perf_counter()
+                            if ttft is None:
+                                ttft = now - t0
+                                m.ttft.observe(ttft)
+                            else:
+                                m.itl.observe(now - t_last)
+                            t_last, last = now, chunk
+                            if chunk.completion_tokens > charged:
+                                self.limiter.charge_tokens(client, chunk.completion_tokens - charged)
+                                charged = chunk.completion_tokens
+                            yield chunk, degraded
+                    if ticket is not None:
+                        breaker.success(ticket)
+                except (Refused, InvalidRequest, EngineOverloaded) as e:
+                    if isinstance(e, Refused):
+                        status, ms = e.code, e.retry_after_ms
+                    elif isinstance(e, InvalidRequest):
+                        status, ms = grpc.StatusCode.INVALID_ARGUMENT, None
                     else:
-                        m.itl.observe(now - t_last)
-                    t_last, last = now, chunk
-                    yield chunk
-            except InvalidRequest as e:
-                code = "INVALID_ARGUMENT"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            except EngineOverloaded as e:
-                code = "RESOURCE_EXHAUSTED"
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded ({e}); retry later",
-                                    trailing_metadata=(("retry-after-ms", RETRY_AFTER_MS),))
-            except EngineClosed as e:
-                code = "UNAVAILABLE"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            except Exception:
-                code = "INTERNAL"
-                log.exception("request_id=%s generation failed", rid)
-                await context.abort(grpc.StatusCode.INTERNAL, f"generation failed (request id {rid})")
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()   # the client's own deadline cancel can beat the server's timer
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
-            raise
-        finally:
-            e2e = time.perf_counter() - t0
-            m.requests.labels(method, code).inc()
-            if last is not None:
-                m.prompt_tokens.inc(last.prompt_tokens)
-                m.generation_tokens.inc(last.completion_tokens)
-                if last.finish_reason is not None:
-                    m.finished.labels(last.finish_reason).inc()
-                    m.e2e.observe(e2e)
-            log.info("rpc=%s request_id=%s code=%s prompt_tokens=%s completion_tokens=%s finish=%s ttft_ms=%s e2e_ms=%.1f",
-                     method, rid, code, last.prompt_tokens if last else "-", last.completion_tokens if last else "-",
-                     last.finish_reason if last else "-", f"{ttft * 1e3:.1f}" if ttft is not None else "-", e2e * 1e3)
+                        status, ms = grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_RETRY_AFTER_MS
+                    code = status.name
+                    message = f"server overloaded ({e}); retry later" if isinstance(e, EngineOverloaded) else str(e)
+                    await context.abort(status, message,
+                                        trailing_metadata=(("retry-after-ms", str(ms)),) if ms else ())
+                except (EngineStalled, EngineClosed) as e:
+                    kind = "stalled" if isinstance(e, EngineStalled) else "engine_gone"
+                    if ticket is not None:
+                        if self.stopping and kind == "engine_gone":
+                            breaker.ignore(ticket)
+                        else:
+                            m.breaker_failures.labels(kind).inc()
+                            breaker.failure(ticket, EngineFailure(kind))
+                    code = "UNAVAILABLE"
+                    log.error("request_id=%s engine unavailable: %s", rid, e)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e} (request id {rid})")
+                except Exception:
+                    if ticket is not None:
+                        m.breaker_failures.labels("error").inc()
+                        breaker.failure(ticket, EngineFailure("error"))
+                    code = "INTERNAL"
+                    log.exception("request_id=%s generation failed", rid)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed (request id {rid})")
+            except (asyncio.CancelledError, GeneratorExit):
+                remaining = context.time_remaining()   # the client's own deadline cancel can beat the server's timer
+                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
+                raise
+            finally:
+                if ticket is not None:
+                    breaker.ignore(ticket)           # a no-op unless it ended without an outcome
+                e2e = time.perf_counter() - t0
+                m.requests.labels(method, code).inc()
+                if last is not None:
+                    m.prompt_tokens.inc(last.prompt_tokens)
+                    m.generation_tokens.inc(last.completion_tokens)
+                    if last.finish_reason is not None:
+                        m.finished.labels(last.finish_reason).inc()
+                        m.e2e.observe(e2e)
+                log.info("rpc=%s request_id=%s code=%s prompt_tokens=%s completion_tokens=%s finish=%s ttft_ms=%s "
+                         "e2e_ms=%.1f", method, rid, code, last.prompt_tokens if last else "-",
+                         last.completion_tokens if last else "-", last.finish_reason if last else "-",
+                         f"{ttft * 1e3:.1f}" if ttft is not None else "-", e2e * 1e3)

@@ -1,12 +1,24 @@
-"""config: server settings from configs/server.yaml, overridden by `lawchat serve` flags."""
+"""config: server settings from configs/server.yaml, overridden by `lawchat serve` flags, validated at start.
+
+Each section is the dataclass of the module it configures (defaults written once, there): generation →
+params, engine → engine/config, limits → limiter, breaker → breaker, degraded → degraded, auth and tls → auth.
+"""
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from .auth import AuthConfig, TlsConfig
+from .breaker import BreakerConfig
+from .degraded import DegradedConfig
 from .engine.config import EngineConfig
+from .limiter import LimitsConfig
 from .params import GenerationDefaults
 
 
@@ -22,6 +34,57 @@ class ServerConfig:
     grace_seconds: float = 10.0
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    degraded: DegradedConfig = field(default_factory=DegradedConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    def validate(self) -> None:
+        for section in (self.generation, self.engine, self.limits, self.breaker, self.degraded, self.tls):
+            section.validate()
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError("port and metrics_port must be in [0, 65535]")
+        if not self.grace_seconds >= 0:
+            raise ValueError("grace_seconds must be >= 0")
+
+
+def _check_type(value, tp, where: str):
+    """YAML scalars against the dataclass annotation: int for int, number for float, str, bool, or None."""
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    if value is None and type(None) in args:
+        return None
+    for t in args:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{where} must be a finite number, got {value!r}")
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in args)
+    raise ValueError(f"{where} must be {names}, got {value!r}")
+
+
+def build(cls, raw, where: str):
+    """A dataclass (nested ones too) from a YAML mapping; unknown keys and wrong types are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'the config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{where or 'the config'}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    kw = {}
+    for name, value in raw.items():
+        tp, key = hints[name], f"{where}.{name}" if where else name
+        kw[name] = build(tp, value, key) if dataclasses.is_dataclass(tp) else _check_type(value, tp, key)
+    return cls(**kw)
 
 
 def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
@@ -31,23 +94,14 @@ def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no such server config: {path}")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if "max_waiting" in raw:   # top-level before the engine section existed (configs of 0.1.0)
+    if isinstance(raw, dict) and "max_waiting" in raw:   # top-level before the engine section existed (0.1.0)
         raw["engine"] = {"max_waiting": raw.pop("max_waiting"), **(raw.get("engine") or {})}
-    known = {f.name for f in fields(ServerConfig)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
-    gen = raw.pop("generation", None) or {}
-    eng = raw.pop("engine", None) or {}
     try:
-        cfg = ServerConfig(**raw, generation=GenerationDefaults(**gen), engine=EngineConfig(**eng))
-    except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    try:
-        cfg.engine.validate()
+        cfg = build(ServerConfig, raw, "")
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        cfg.validate()
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path}: {e}" if path else str(e)) from None
     return cfg

@@ -26,11 +26,28 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("lawchat_requests_running", "Requests being generated now.", registry=r)
         self.waiting = Gauge("lawchat_requests_waiting", "Requests queued for the engine.", registry=r)
+        self.admitted = Counter("lawchat_limiter_admitted", "Requests let through by the rate limiter.", registry=r)
+        self.rate_limited = Counter("lawchat_limiter_rejected", "Requests refused by a token bucket, by bucket.",
+                                    ["reason"], registry=r)
+        self.degraded = Counter("lawchat_degraded_responses", "Canned answers sent instead of the model's, by cause "
+                                "(breaker_open, switch).", ["reason"], registry=r)
+        self.breaker_failures = Counter("lawchat_breaker_failures", "Engine failures counted by the circuit breaker "
+                                        "(error, stalled, engine_gone).", ["kind"], registry=r)
+        self.breaker_state = Gauge("lawchat_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+                                   registry=r)
+        self.degraded_switch = Gauge("lawchat_degraded_switch", "1 while the manual degraded switch is on.",
+                                     registry=r)
+        self.draining = Gauge("lawchat_draining", "1 once a Drain has started.", registry=r)
 
-    def watch_engine(self, engine) -> None:
-        self.running.set_function(lambda: engine.running)
-        self.waiting.set_function(lambda: engine.waiting)
-        self.registry.register(EngineCollector(engine))
+    def watch(self, slot, breaker) -> None:
+        """Gauges read at scrape time from the engine slot (whichever engine serves now) and the breaker."""
+        from .breaker import STATES
+        self.running.set_function(lambda: slot.engine.running if slot.engine else 0)
+        self.waiting.set_function(lambda: slot.engine.waiting if slot.engine else 0)
+        self.breaker_state.set_function(lambda: STATES.index(breaker.state))
+        self.degraded_switch.set_function(lambda: float(breaker.switch_on))
+        self.draining.set_function(lambda: float(slot.draining))
+        self.registry.register(EngineCollector(slot))
 
     def serve_http(self, host: str, port: int):
         """Start /metrics in a daemon thread; -> (http server, thread). Port 0 picks a free port."""
@@ -40,14 +57,16 @@ class Metrics:
 class EngineCollector:
     """Engine facts read at scrape time: batch, KV cache, prefix cache, preemptions."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, slot):
+        self.slot = slot
 
     def describe(self):
         return []
 
     def collect(self):
-        st = self.engine.stats()
+        if self.slot.engine is None:      # still loading
+            return
+        st = self.slot.engine.stats()
         yield GaugeMetricFamily("lawchat_batch_size", "Sequences in the last engine step.", value=st.batch_size)
         yield GaugeMetricFamily("lawchat_kv_cache_blocks_used", "KV-cache blocks held by sequences.",
                                 value=st.kv_blocks_used)

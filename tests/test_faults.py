@@ -13,41 +13,11 @@ import grpc
 import pytest
 from lawchat_client import LawchatClient, LawchatError
 
-from lawchat_server.app import ThreadedServer
-from lawchat_server.config import ServerConfig
+from faults import FaultyRunner, InProcessServer, count, engine_of, wait_until
 from lawchat_server.prompt import encode_prompt
-from lawchat_server.engine.config import EngineConfig
-from lawchat_server.engine.engine import Engine
 from lawchat_server.engine.model_runner import load_runner
 
 QUESTION = "劳动合同法第三十九条是怎么规定的？"
-
-
-class FaultyRunner:
-    """The real runner, with a delay per engine step and optional failing steps."""
-
-    def __init__(self, runner, delay: float = 0.0, fail_steps: int = 0):
-        self.inner, self.delay, self.fail_steps = runner, delay, fail_steps
-        self.decoded = 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def execute(self, prefill, decode):
-        if self.fail_steps > 0:
-            self.fail_steps -= 1
-            raise RuntimeError("CUDA out of memory (injected)")
-        time.sleep(self.delay)
-        self.decoded += len(decode)
-        return self.inner.execute(prefill, decode)
-
-
-def InProcessServer(runner, **engine_cfg) -> ThreadedServer:
-    return ThreadedServer(Engine(runner, EngineConfig(**engine_cfg)), ServerConfig(port=0), "tiny")
-
-
-def count(srv: ThreadedServer, method: str, code: str) -> float:
-    return srv.app.metrics.requests.labels(method, code)._value.get()
 
 
 @pytest.fixture(scope="module")
@@ -63,54 +33,46 @@ def slow(runner):
     srv.stop()
 
 
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_client_cancel_stops_generation_and_frees_the_slot(slow):
     srv, faulty = slow
     with LawchatClient(srv.target, timeout=60) as c:
-        stream = c.chat_stream(QUESTION, max_new_tokens=400)
+        stream = c.chat_stream(QUESTION, max_new_tokens=400, ignore_eos=True)   # ~8 s of steps if not cancelled
         it = iter(stream)
         next(it)
+        at_cancel = faulty.decoded
         stream.cancel()
-        assert wait_until(lambda: srv.app.engine.running == 0)
-        stopped_at = faulty.decoded
+        assert wait_until(lambda: engine_of(srv).running == 0)
+        freed_after = faulty.decoded - at_cancel
+        assert freed_after <= 3                       # freed within a few 20 ms steps of the cancel, not at the end
         time.sleep(0.3)
-        assert faulty.decoded <= stopped_at + 1          # no decoding for a client that left
-        assert stopped_at < 100
+        assert faulty.decoded == at_cancel + freed_after   # and no decoding since for a client that left
         assert wait_until(lambda: count(srv, "ChatStream", "CANCELLED") == 1)
-        assert c.chat(QUESTION, max_new_tokens=3).completion_tokens == 3
+        assert c.chat(QUESTION, max_new_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
 def test_deadline_exceeded_frees_the_slot(slow):
     srv, faulty = slow
     with LawchatClient(srv.target) as c:
         with pytest.raises(LawchatError) as e:
-            list(c.chat_stream(QUESTION, max_new_tokens=400, timeout=2.0))   # generation needs ~8 s
+            list(c.chat_stream(QUESTION, max_new_tokens=400, timeout=2.0, ignore_eos=True))   # needs ~8 s
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert wait_until(lambda: srv.app.engine.running == 0)
+        assert wait_until(lambda: engine_of(srv).running == 0)
         assert wait_until(lambda: count(srv, "ChatStream", "DEADLINE_EXCEEDED") == 1)
-        assert c.chat(QUESTION, max_new_tokens=2).finish_reason in ("max_tokens", "eos")
+        assert c.chat(QUESTION, max_new_tokens=2, ignore_eos=True).finish_reason == "max_tokens"
 
 
 def test_overload_gets_resource_exhausted_with_retry_after(slow):
     srv, _ = slow
     with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(2) as pool:
-        first = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=60))       # running
-        assert wait_until(lambda: srv.app.engine.running == 1)
-        second = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=5))       # waiting (max_waiting=1)
-        assert wait_until(lambda: srv.app.engine.waiting == 1)
+        first = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=60, ignore_eos=True))       # running
+        assert wait_until(lambda: engine_of(srv).running == 1)
+        second = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=5, ignore_eos=True))   # waiting (max_waiting=1)
+        assert wait_until(lambda: engine_of(srv).waiting == 1)
         with pytest.raises(LawchatError) as e:
             c.chat(QUESTION, max_new_tokens=5)
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert e.value.retry_after == 1.0
-        assert first.result().completion_tokens >= 1 and second.result().completion_tokens >= 1
+        assert first.result().completion_tokens == 60 and second.result().completion_tokens == 5
 
 
 def test_engine_error_is_internal_and_server_keeps_serving(runner):
@@ -121,24 +83,26 @@ def test_engine_error_is_internal_and_server_keeps_serving(runner):
                 list(c.chat_stream(QUESTION, max_new_tokens=5, request_id="boom-1"))
             assert e.value.code == grpc.StatusCode.INTERNAL
             assert "boom-1" in e.value.details and "memory" not in e.value.details
-            assert c.chat(QUESTION, max_new_tokens=4).completion_tokens == 4
+            assert c.chat(QUESTION, max_new_tokens=4, ignore_eos=True).completion_tokens == 4
     finally:
         srv.stop()
 
 
-def test_shutdown_drains_in_flight_and_refuses_new(runner):
+def test_shutdown_refuses_new_while_in_flight_finish(runner):
     srv = InProcessServer(FaultyRunner(runner, delay=0.02))
     with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=40))
-        assert wait_until(lambda: srv.app.engine.running == 1)
+        in_flight = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=150, ignore_eos=True))   # ~3 s
+        assert wait_until(lambda: engine_of(srv).running == 1)
         stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30})
         stopper.start()
-        result = in_flight.result(60)
-        assert result.finish_reason in ("max_tokens", "eos")    # the stream finished, not cut
-        stopper.join(60)
-        with pytest.raises(LawchatError) as e:
+        assert wait_until(lambda: srv.app.chat.stopping)
+        with pytest.raises(LawchatError) as e:          # refused while the in-flight stream still runs
             c.chat(QUESTION, max_new_tokens=2, timeout=5)
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert not in_flight.done() and engine_of(srv).running == 1
+        result = in_flight.result(60)
+        assert (result.finish_reason, result.completion_tokens) == ("max_tokens", 150)   # finished, not cut
+        stopper.join(60)
 
 
 class StrictTokenizer:
@@ -171,6 +135,6 @@ def test_template_rejection_is_invalid_argument(runner):
             assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert "System role not supported" in e.value.details
             assert wait_until(lambda: count(srv, "Chat", "INVALID_ARGUMENT") == 1)
-            assert c.chat(QUESTION, max_new_tokens=3).completion_tokens == 3
+            assert c.chat(QUESTION, max_new_tokens=3, ignore_eos=True).completion_tokens == 3
     finally:
         srv.stop()

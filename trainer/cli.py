@@ -53,6 +53,21 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_keys(a) -> int:
+    from lawchat_server.auth import SCOPES, hash_key, new_key
+    bad = set(a.scope.split(",")) - set(SCOPES)
+    if bad or not a.name.isprintable() or any(c.isspace() for c in a.name):
+        raise ValueError(f"scopes must be from {list(SCOPES)} and the name one word, got {a.name!r} {a.scope!r}")
+    key = new_key()
+    print(f"API key for {a.name} (shown once; give it to the client as x-api-key / LAWCHAT_API_KEY):\n{key}",
+          file=sys.stderr)
+    print(f"{a.name} {a.scope} {hash_key(key)}")        # the line for auth.keys_file / $LAWCHAT_API_KEYS
+    if a.key_out:
+        Path(a.key_out).write_text(key + "\n", encoding="utf-8")
+        Path(a.key_out).chmod(0o600)
+    return 0
+
+
 def cmd_serve(a) -> int:
     from lawchat_server.app import serve_from_cli
     return serve_from_cli(a)
@@ -110,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=None, help="default: the config's workdir")
     s.add_argument("--ask", action="store_true", help="print the demo model's answer to a sample question")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("keys", help="make an API key: the key goes to stderr, the line for the keys file to stdout")
+    s.add_argument("action", choices=["new"])
+    s.add_argument("name", help="who the key is for (one word); rate limits are kept per name")
+    s.add_argument("--scope", default="chat", help="chat, admin or chat,admin")
+    s.add_argument("--key-out", default=None, help="also write the key to this file (mode 600)")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("serve", help="serve a model dir over gRPC with Prometheus metrics")
     s.add_argument("--model", required=True, help="HF causal-LM dir with a chat template (e.g. runs/demo/merged)")

@@ -1,9 +1,14 @@
-"""lawchat-client CLI: stream an answer to the terminal, or show the server status.
+"""lawchat-client CLI: stream an answer to the terminal, or run an AdminService call.
 
     lawchat-client chat "劳动合同法第三十九条是怎么规定的？"
-    lawchat-client status --target 10.0.0.5:50051
+    lawchat-client --target 10.0.0.5:50051 --tls-ca ca.pem --api-key "$KEY" status
+    lawchat-client degraded on --reason "GPU maintenance"      # needs a key with the admin scope
+    lawchat-client limits --client-requests 5:10 --client-tokens 200:2000
+    lawchat-client reload /models/law-v2/merged
+    lawchat-client drain --timeout 60
 
-Exit codes: 0 ok, 1 the RPC failed (the gRPC status is printed), 2 bad usage.
+The API key comes from --api-key or $LAWCHAT_API_KEY. Exit codes: 0 ok, 1 the RPC failed (the gRPC status is
+printed), 2 bad usage.
 """
 from __future__ import annotations
 
@@ -14,10 +19,27 @@ import sys
 from .client import LawchatClient, LawchatError
 
 
-def main(argv: list[str] | None = None) -> int:
+def rate(text: str) -> dict:
+    """'RATE' or 'RATE:BURST' -> {"rate": ..., "burst": ...}."""
+    try:
+        parts = [float(x) for x in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RATE or RATE:BURST, got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected RATE or RATE:BURST, got {text!r}")
+    return {"rate": parts[0]} if len(parts) == 1 else {"rate": parts[0], "burst": parts[1]}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lawchat-client", description="Talk to a lawchat server")
     p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--api-key", default=None, help="API key (default: $LAWCHAT_API_KEY)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (turns TLS on)")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mTLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM client private key, for mTLS")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's trusted roots")
+    p.add_argument("--server-name", default=None, help="TLS: the name in the server's certificate, if not the host")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chat", help="ask one question; the answer streams to stdout")
     c.add_argument("question")
@@ -31,30 +53,71 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--no-stream", action="store_true", help="use the unary Chat RPC")
     c.add_argument("--usage", action="store_true", help="print finish reason and token usage to stderr")
     sub.add_parser("status", help="print the server status as JSON")
-    a = p.parse_args(argv)
+    d = sub.add_parser("degraded", help="turn the degraded switch on or off (canned answers for everyone)")
+    d.add_argument("state", choices=["on", "off"])
+    d.add_argument("--reason", default="")
+    lim = sub.add_parser("limits", help="change rate limits (RATE or RATE:BURST; rate 0 = unlimited)")
+    for name in ("global-requests", "global-tokens", "client-requests", "client-tokens"):
+        lim.add_argument(f"--{name}", type=rate, default=None)
+    r = sub.add_parser("reload", help="serve another merged model dir (on the server's disk)")
+    r.add_argument("model_path")
+    dr = sub.add_parser("drain", help="stop admitting chat requests; wait for those in flight")
+    dr.add_argument("--timeout", dest="drain_timeout", type=float, default=0.0,
+                    help="seconds to wait (0 = the server's grace_seconds)")
+    return p
 
-    with LawchatClient(a.target, timeout=a.timeout) as client:
+
+def admin(client: LawchatClient, a) -> dict:
+    if a.command == "status":
+        return client.status()
+    if a.command == "degraded":
+        return client.set_degraded(a.state == "on", a.reason)
+    if a.command == "limits":
+        changes = {k: getattr(a, k) for k in ("global_requests", "global_tokens", "client_requests", "client_tokens")
+                   if getattr(a, k) is not None}
+        return client.update_limits(**changes)
+    if a.command == "reload":
+        return client.reload_model(a.model_path)
+    return client.drain(a.drain_timeout)
+
+
+def chat(client: LawchatClient, a) -> None:
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
+        [{"role": "user", "content": a.question}]
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+              seed=a.seed, stop=a.stop)
+    if a.no_stream:
+        r = client.chat(messages, **kw)
+        print(r.text)
+        finish, prompt, completion, degraded = r.finish_reason, r.prompt_tokens, r.completion_tokens, r.degraded
+    else:
+        stream = client.chat_stream(messages, **kw)
+        for delta in stream:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        finish, prompt, completion, degraded = (stream.finish_reason, stream.prompt_tokens, stream.completion_tokens,
+                                                stream.degraded)
+    if degraded:
+        print("[degraded: the server's canned answer, not the model's]", file=sys.stderr)
+    if a.usage:
+        print(f"[finish={finish} prompt_tokens={prompt} completion_tokens={completion}]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        client = LawchatClient(a.target, timeout=a.timeout, api_key=a.api_key, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
+                               tls_key=a.tls_key, tls=a.tls, server_name=a.server_name)
+    except (ValueError, OSError) as e:
+        print(f"lawchat-client: {e}", file=sys.stderr)
+        return 2
+    with client:
         try:
-            if a.command == "status":
-                print(json.dumps(client.status(), ensure_ascii=False, indent=2))
-                return 0
-            messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
-                [{"role": "user", "content": a.question}]
-            kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                      seed=a.seed, stop=a.stop)
-            if a.no_stream:
-                r = client.chat(messages, **kw)
-                print(r.text)
-                finish, prompt, completion = r.finish_reason, r.prompt_tokens, r.completion_tokens
+            if a.command == "chat":
+                chat(client, a)
             else:
-                stream = client.chat_stream(messages, **kw)
-                for delta in stream:
-                    sys.stdout.write(delta)
-                    sys.stdout.flush()
-                sys.stdout.write("\n")
-                finish, prompt, completion = stream.finish_reason, stream.prompt_tokens, stream.completion_tokens
-            if a.usage:
-                print(f"[finish={finish} prompt_tokens={prompt} completion_tokens={completion}]", file=sys.stderr)
+                print(json.dumps(admin(client, a), ensure_ascii=False, indent=2))
             return 0
         except LawchatError as e:
             print(f"lawchat-client: {e}", file=sys.stderr)

@@ -1,17 +1,22 @@
 """client: a small synchronous SDK over the lawchat.v1 gRPC API (grpcio + protobuf only)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 from lawchat.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 FINISH_REASONS = {
     chat_pb2.FINISH_REASON_EOS_TOKEN: "eos",
     chat_pb2.FINISH_REASON_MAX_TOKENS: "max_tokens",
     chat_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+    chat_pb2.FINISH_REASON_DEGRADED: "degraded",
 }
+API_KEY_ENV = "LAWCHAT_API_KEY"
 
 Messages = str | Sequence[dict] | Sequence[tuple[str, str]]
 
@@ -32,6 +37,7 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     request_id: str | None = None
+    degraded: bool = False          # the server's canned answer (model unavailable or switched off)
 
 
 def to_messages(messages: Messages) -> list[chat_pb2.Message]:
@@ -61,6 +67,7 @@ class ChatStream:
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.degraded = False            # True when the text is the server's canned answer
 
     @property
     def request_id(self) -> str | None:
@@ -69,6 +76,7 @@ class ChatStream:
     def __iter__(self) -> Iterator[str]:
         try:
             for msg in self._call:
+                self.degraded = self.degraded or msg.degraded
                 if msg.delta:
                     yield msg.delta
                 if msg.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED:
@@ -83,16 +91,35 @@ class ChatStream:
         self._call.cancel()
 
 
+def make_channel(target: str, *, tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls: bool = False, server_name: str | None = None) -> grpc.Channel:
+    """A plaintext channel, or TLS when any tls option is given (`tls=True` alone trusts the system roots);
+    tls_cert + tls_key present a client certificate (mTLS)."""
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return grpc.insecure_channel(target)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("give both tls_cert and tls_key for a client certificate, or neither")
+    read = lambda p: Path(p).read_bytes() if p else None   # noqa: E731
+    creds = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(target, creds, options=options)
+
+
 class LawchatClient:
-    """client = LawchatClient("127.0.0.1:50051"); for delta in client.chat_stream("问题"): print(delta, end="")"""
+    """client = LawchatClient("127.0.0.1:50051"); for delta in client.chat_stream("问题"): print(delta, end="")
+
+    api_key defaults to $LAWCHAT_API_KEY; tls_ca (and tls_cert + tls_key for mTLS) switch the channel to TLS."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
-                 api_key: str | None = None, channel: grpc.Channel | None = None):
-        self._channel = channel or grpc.insecure_channel(target)
+                 api_key: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls: bool = False, server_name: str | None = None,
+                 channel: grpc.Channel | None = None):
+        self._channel = channel or make_channel(target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls=tls,
+                                                server_name=server_name)
         self._chat = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self.timeout = timeout
-        self.api_key = api_key
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
 
     def close(self) -> None:
         self._channel.close()
@@ -149,11 +176,39 @@ class LawchatClient:
         except grpc.RpcError as e:
             raise _error(e) from None
         return ChatResult(resp.text, FINISH_REASONS.get(resp.finish_reason, "unknown"), resp.usage.prompt_tokens,
-                          resp.usage.completion_tokens, dict(call.initial_metadata() or ()).get("x-request-id"))
+                          resp.usage.completion_tokens, dict(call.initial_metadata() or ()).get("x-request-id"),
+                          resp.degraded)
 
-    def status(self, timeout: float | None = None) -> dict:
+    # -- AdminService (needs a key with the admin scope when the server has auth on) -------------------
+    def _admin_call(self, method: str, request, timeout: float | None):
         try:
-            resp = self._admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=timeout or self.timeout)
+            return getattr(self._admin, method)(request, timeout=timeout or self.timeout,
+                                                metadata=self._metadata(None))
         except grpc.RpcError as e:
             raise _error(e) from None
-        return {f.name: getattr(resp, f.name) for f in resp.DESCRIPTOR.fields}
+
+    def status(self, timeout: float | None = None) -> dict:
+        """GetStatus as a dict (nested messages as dicts, enums by name)."""
+        resp = self._admin_call("GetStatus", admin_pb2.GetStatusRequest(), timeout)
+        return json_format.MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+                                         unquote_int64_if_possible=True)
+
+    def set_degraded(self, enabled: bool, reason: str = "", timeout: float | None = None) -> dict:
+        resp = self._admin_call("SetDegraded", admin_pb2.SetDegradedRequest(enabled=enabled, reason=reason), timeout)
+        return json_format.MessageToDict(resp.degraded, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+
+    def update_limits(self, timeout: float | None = None, **limits: dict) -> dict:
+        """update_limits(client_requests={"rate": 5, "burst": 10}); keys left out keep their value."""
+        msg = admin_pb2.Limits(**{name: admin_pb2.RateLimit(**value) for name, value in limits.items()})
+        resp = self._admin_call("UpdateLimits", admin_pb2.UpdateLimitsRequest(limits=msg), timeout)
+        return json_format.MessageToDict(resp.limits, preserving_proto_field_name=True)
+
+    def reload_model(self, model_path: str, timeout: float | None = None) -> dict:
+        resp = self._admin_call("ReloadModel", admin_pb2.ReloadModelRequest(model_path=model_path), timeout)
+        return json_format.MessageToDict(resp, preserving_proto_field_name=True)
+
+    def drain(self, timeout_seconds: float = 0.0, timeout: float | None = None) -> dict:
+        resp = self._admin_call("Drain", admin_pb2.DrainRequest(timeout_seconds=timeout_seconds), timeout)
+        return json_format.MessageToDict(resp, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)

@@ -40,6 +40,10 @@ class EngineClosed(Exception):
     """The engine is shutting down."""
 
 
+class EngineStalled(Exception):
+    """The engine made no step for the caller's stall bound while the caller waited on it (a hang)."""
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -101,11 +105,28 @@ def _put_all(items: list) -> None:
         queue_or_job.put_nowait(item)
 
 
-async def read_chunks(out: asyncio.Queue) -> AsyncIterator[Chunk]:
+async def read_chunks(out: asyncio.Queue, progress=None, stall_seconds: float | None = None) -> AsyncIterator[Chunk]:
     """Chunks from a job's queue until the final one; exceptions are raised. A slow reader gets the queued
-    deltas merged into one chunk (one gRPC message instead of many)."""
+    deltas merged into one chunk (one gRPC message instead of many).
+
+    The watchdog: with `stall_seconds`, a wait that long with no chunk checks `progress()` (the engine's step
+    count); unchanged means the engine is hung and EngineStalled is raised. A busy engine (this request queued
+    behind others) keeps stepping and the wait goes on."""
     while True:
-        items = [await out.get()]
+        if stall_seconds is None:
+            items = [await out.get()]
+        else:
+            mark = progress()
+            while True:
+                try:
+                    async with asyncio.timeout(stall_seconds):
+                        items = [await out.get()]
+                    break
+                except TimeoutError:
+                    now = progress()
+                    if now == mark:
+                        raise EngineStalled(f"the engine made no step in {stall_seconds:g} s") from None
+                    mark = now
         while not out.empty():
             items.append(out.get_nowait())
         for item in items:
@@ -209,11 +230,15 @@ class Engine:
             with self._cond:
                 self._cond.notify()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._thread.is_alive()
+
+    async def stream(self, request: GenerationRequest, stall_seconds: float | None = None) -> AsyncIterator[Chunk]:
         out: asyncio.Queue = asyncio.Queue()
         job = self.submit(request, AsyncSink(asyncio.get_running_loop()), out)
         try:
-            async for chunk in read_chunks(out):
+            async for chunk in read_chunks(out, lambda: self._steps, stall_seconds):
                 yield chunk
         finally:
             self.abort(job)
@@ -347,7 +372,7 @@ class Engine:
         return Chunk(text, finish, job.seq.num_prompt, n_out, ids)
 
 def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int | list[int],
-                   sampling: SamplingParams = SamplingParams()) -> list[Chunk]:
+                   sampling: SamplingParams = SamplingParams(), ignore_eos: bool = False) -> list[Chunk]:
     """Sync helper (eval, scripts): all prompts through the started engine at once; -> each one's merged Chunk.
 
     max_new_tokens: one limit for all, or one per prompt. Requests beyond the wait-queue bound are fed as
@@ -360,7 +385,7 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int
 
         async def one(ids: list[int], limit: int) -> Chunk:
             async with slots:
-                parts = [c async for c in engine.stream(GenerationRequest(ids, sampling, limit))]
+                parts = [c async for c in engine.stream(GenerationRequest(ids, sampling, limit, ignore_eos=ignore_eos))]
             last = parts[-1]
             return Chunk("".join(c.delta for c in parts), last.finish_reason, last.prompt_tokens,
                          last.completion_tokens, last.token_ids)

@@ -200,7 +200,11 @@ class EngineClient:
             raise EngineClosed("the engine process is gone") from None
 
     # -- callers ---------------------------------------------------------------------------------
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._proc.is_alive()
+
+    async def stream(self, request: GenerationRequest, stall_seconds: float | None = None) -> AsyncIterator[Chunk]:
         if self._closed:
             raise EngineClosed("the server is shutting down")
         rid = next(self._ids)
@@ -209,7 +213,7 @@ class EngineClient:
         finished = False
         try:
             self._send(("add", rid, request))
-            async for chunk in read_chunks(out):
+            async for chunk in read_chunks(out, lambda: self._stats.steps, stall_seconds):
                 finished = chunk.finish_reason is not None
                 yield chunk
         finally:

@@ -24,19 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lawchat/v1/admin.proto\x12\nlawchat.v1\"\x12\n\x10GetStatusRequest\"\xca\x01\n\x11GetStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12(\n\x06\x65ngine\x18\x08 \x01(\x0b\x32\x18.lawchat.v1.EngineStatus\"\xf0\x01\n\x0c\x45ngineStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tattention\x18\x02 \x01(\t\x12\x1e\n\x16\x63uda_graph_batch_sizes\x18\x03 \x03(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x08 \x01(\x01\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x0f\n\x07max_len\x18\n \x01(\r2X\n\x0c\x41\x64minService\x12H\n\tGetStatus\x12\x1c.lawchat.v1.GetStatusRequest\x1a\x1d.lawchat.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lawchat/v1/admin.proto\x12\nlawchat.v1\"\x12\n\x10GetStatusRequest\"\x84\x03\n\x11GetStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12(\n\x06\x65ngine\x18\x08 \x01(\x0b\x32\x18.lawchat.v1.EngineStatus\x12\x12\n\nmodel_path\x18\t \x01(\t\x12*\n\x07\x62reaker\x18\n \x01(\x0b\x32\x19.lawchat.v1.BreakerStatus\x12\"\n\x06limits\x18\x0b \x01(\x0b\x32\x12.lawchat.v1.Limits\x12,\n\x08\x64\x65graded\x18\x0c \x01(\x0b\x32\x1a.lawchat.v1.DegradedSwitch\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x14\n\x0c\x61uth_enabled\x18\x0e \x01(\x08\"\xa7\x01\n\rBreakerStatus\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.lawchat.v1.BreakerState\x12\x1c\n\x14\x63onsecutive_failures\x18\x02 \x01(\r\x12\x19\n\x11\x66\x61ilure_threshold\x18\x03 \x01(\r\x12\x1e\n\x16open_remaining_seconds\x18\x04 \x01(\x01\x12\x14\n\x0clast_failure\x18\x05 \x01(\t\"1\n\x0e\x44\x65gradedSwitch\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\tRateLimit\x12\x11\n\x04rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62urst\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x07\n\x05_rateB\x08\n\x06_burst\"\xc4\x01\n\x06Limits\x12.\n\x0fglobal_requests\x18\x01 \x01(\x0b\x32\x15.lawchat.v1.RateLimit\x12,\n\rglobal_tokens\x18\x02 \x01(\x0b\x32\x15.lawchat.v1.RateLimit\x12.\n\x0f\x63lient_requests\x18\x03 \x01(\x0b\x32\x15.lawchat.v1.RateLimit\x12,\n\rclient_tokens\x18\x04 \x01(\x0b\x32\x15.lawchat.v1.RateLimit\"5\n\x12SetDegradedRequest\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x13SetDegradedResponse\x12,\n\x08\x64\x65graded\x18\x01 \x01(\x0b\x32\x1a.lawchat.v1.DegradedSwitch\"9\n\x13UpdateLimitsRequest\x12\"\n\x06limits\x18\x01 \x01(\x0b\x32\x12.lawchat.v1.Limits\":\n\x14UpdateLimitsResponse\x12\"\n\x06limits\x18\x01 \x01(\x0b\x32\x12.lawchat.v1.Limits\"(\n\x12ReloadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\"\\\n\x13ReloadModelResponse\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x1b\n\x13previous_model_path\x18\x02 \x01(\t\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"\'\n\x0c\x44rainRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"3\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x11\n\tin_flight\x18\x02 \x01(\r\"\xf0\x01\n\x0c\x45ngineStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tattention\x18\x02 \x01(\t\x12\x1e\n\x16\x63uda_graph_batch_sizes\x18\x03 \x03(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x15\n\rkv_block_size\x18\x07 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x08 \x01(\x01\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x0f\n\x07max_len\x18\n \x01(\r*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\x89\x03\n\x0c\x41\x64minService\x12H\n\tGetStatus\x12\x1c.lawchat.v1.GetStatusRequest\x1a\x1d.lawchat.v1.GetStatusResponse\x12N\n\x0bSetDegraded\x12\x1e.lawchat.v1.SetDegradedRequest\x1a\x1f.lawchat.v1.SetDegradedResponse\x12Q\n\x0cUpdateLimits\x12\x1f.lawchat.v1.UpdateLimitsRequest\x1a .lawchat.v1.UpdateLimitsResponse\x12N\n\x0bReloadModel\x12\x1e.lawchat.v1.ReloadModelRequest\x1a\x1f.lawchat.v1.ReloadModelResponse\x12<\n\x05\x44rain\x12\x18.lawchat.v1.DrainRequest\x1a\x19.lawchat.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lawchat.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BREAKERSTATE']._serialized_start=1656
+  _globals['_BREAKERSTATE']._serialized_end=1780
   _globals['_GETSTATUSREQUEST']._serialized_start=38
   _globals['_GETSTATUSREQUEST']._serialized_end=56
   _globals['_GETSTATUSRESPONSE']._serialized_start=59
-  _globals['_GETSTATUSRESPONSE']._serialized_end=261
-  _globals['_ENGINESTATUS']._serialized_start=264
-  _globals['_ENGINESTATUS']._serialized_end=504
-  _globals['_ADMINSERVICE']._serialized_start=506
-  _globals['_ADMINSERVICE']._serialized_end=594
+  _globals['_GETSTATUSRESPONSE']._serialized_end=447
+  _globals['_BREAKERSTATUS']._serialized_start=450
+  _globals['_BREAKERSTATUS']._serialized_end=617
+  _globals['_DEGRADEDSWITCH']._serialized_start=619
+  _globals['_DEGRADEDSWITCH']._serialized_end=668
+  _globals['_RATELIMIT']._serialized_start=670
+  _globals['_RATELIMIT']._serialized_end=739
+  _globals['_LIMITS']._serialized_start=742
+  _globals['_LIMITS']._serialized_end=938
+  _globals['_SETDEGRADEDREQUEST']._serialized_start=940
+  _globals['_SETDEGRADEDREQUEST']._serialized_end=993
+  _globals['_SETDEGRADEDRESPONSE']._serialized_start=995
+  _globals['_SETDEGRADEDRESPONSE']._serialized_end=1062
+  _globals['_UPDATELIMITSREQUEST']._serialized_start=1064
+  _globals['_UPDATELIMITSREQUEST']._serialized_end=1121
+  _globals['_UPDATELIMITSRESPONSE']._serialized_start=1123
+  _globals['_UPDATELIMITSRESPONSE']._serialized_end=1181
+  _globals['_RELOADMODELREQUEST']._serialized_start=1183
+  _globals['_RELOADMODELREQUEST']._serialized_end=1223
+  _globals['_RELOADMODELRESPONSE']._serialized_start=1225
+  _globals['_RELOADMODELRESPONSE']._serialized_end=1317
+  _globals['_DRAINREQUEST']._serialized_start=1319
+  _globals['_DRAINREQUEST']._serialized_end=1358
+  _globals['_DRAINRESPONSE']._serialized_start=1360
+  _globals['_DRAINRESPONSE']._serialized_end=1411
+  _globals['_ENGINESTATUS']._serialized_start=1414
+  _globals['_ENGINESTATUS']._serialized_end=1654
+  _globals['_ADMINSERVICE']._serialized_start=1783
+  _globals['_ADMINSERVICE']._serialized_end=2176
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,12 +7,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class BreakerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BREAKER_STATE_UNSPECIFIED: _ClassVar[BreakerState]
+    BREAKER_STATE_CLOSED: _ClassVar[BreakerState]
+    BREAKER_STATE_OPEN: _ClassVar[BreakerState]
+    BREAKER_STATE_HALF_OPEN: _ClassVar[BreakerState]
+BREAKER_STATE_UNSPECIFIED: BreakerState
+BREAKER_STATE_CLOSED: BreakerState
+BREAKER_STATE_OPEN: BreakerState
+BREAKER_STATE_HALF_OPEN: BreakerState
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model", "device", "dtype", "uptime_seconds", "requests_in_flight", "requests_waiting", "version", "engine")
+    __slots__ = ("model", "device", "dtype", "uptime_seconds", "requests_in_flight", "requests_waiting", "version", "engine", "model_path", "breaker", "limits", "degraded", "draining", "auth_enabled")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +32,12 @@ class GetStatusResponse(_message.Message):
     REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -28,7 +46,111 @@ class GetStatusResponse(_message.Message):
     requests_waiting: int
     version: str
     engine: EngineStatus
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., version: _Optional[str] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ...) -> None: ...
+    model_path: str
+    breaker: BreakerStatus
+    limits: Limits
+    degraded: DegradedSwitch
+    draining: bool
+    auth_enabled: bool
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., version: _Optional[str] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., model_path: _Optional[str] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., degraded: _Optional[_Union[DegradedSwitch, _Mapping]] = ..., draining: _Optional[bool] = ..., auth_enabled: _Optional[bool] = ...) -> None: ...
+
+class BreakerStatus(_message.Message):
+    __slots__ = ("state", "consecutive_failures", "failure_threshold", "open_remaining_seconds", "last_failure")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OPEN_REMAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    state: BreakerState
+    consecutive_failures: int
+    failure_threshold: int
+    open_remaining_seconds: float
+    last_failure: str
+    def __init__(self, state: _Optional[_Union[BreakerState, str]] = ..., consecutive_failures: _Optional[int] = ..., failure_threshold: _Optional[int] = ..., open_remaining_seconds: _Optional[float] = ..., last_failure: _Optional[str] = ...) -> None: ...
+
+class DegradedSwitch(_message.Message):
+    __slots__ = ("enabled", "reason")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    reason: str
+    def __init__(self, enabled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("rate", "burst")
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    rate: float
+    burst: float
+    def __init__(self, rate: _Optional[float] = ..., burst: _Optional[float] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("global_requests", "global_tokens", "client_requests", "client_tokens")
+    GLOBAL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    global_requests: RateLimit
+    global_tokens: RateLimit
+    client_requests: RateLimit
+    client_tokens: RateLimit
+    def __init__(self, global_requests: _Optional[_Union[RateLimit, _Mapping]] = ..., global_tokens: _Optional[_Union[RateLimit, _Mapping]] = ..., client_requests: _Optional[_Union[RateLimit, _Mapping]] = ..., client_tokens: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
+
+class SetDegradedRequest(_message.Message):
+    __slots__ = ("enabled", "reason")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    reason: str
+    def __init__(self, enabled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetDegradedResponse(_message.Message):
+    __slots__ = ("degraded",)
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    degraded: DegradedSwitch
+    def __init__(self, degraded: _Optional[_Union[DegradedSwitch, _Mapping]] = ...) -> None: ...
+
+class UpdateLimitsRequest(_message.Message):
+    __slots__ = ("limits",)
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    limits: Limits
+    def __init__(self, limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class UpdateLimitsResponse(_message.Message):
+    __slots__ = ("limits",)
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    limits: Limits
+    def __init__(self, limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("model_path",)
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    def __init__(self, model_path: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model_path", "previous_model_path", "load_seconds")
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    previous_model_path: str
+    load_seconds: float
+    def __init__(self, model_path: _Optional[str] = ..., previous_model_path: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("timeout_seconds",)
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    timeout_seconds: float
+    def __init__(self, timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("drained", "in_flight")
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    drained: bool
+    in_flight: int
+    def __init__(self, drained: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
     __slots__ = ("path", "attention", "cuda_graph_batch_sizes", "batch_size", "kv_blocks_used", "kv_blocks_total", "kv_block_size", "prefix_cache_hit_rate", "preemptions", "max_len")

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService tells operators what the server is doing.
+    """AdminService tells operators what the server is doing and lets them steer it.
+    When authentication is on, every method needs a key with the "admin" scope.
     """
 
     def __init__(self, channel):
@@ -40,14 +41,67 @@ class AdminServiceStub:
                 request_serializer=lawchat_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=lawchat_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.SetDegraded = channel.unary_unary(
+                '/lawchat.v1.AdminService/SetDegraded',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.SetDegradedRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.SetDegradedResponse.FromString,
+                _registered_method=True)
+        self.UpdateLimits = channel.unary_unary(
+                '/lawchat.v1.AdminService/UpdateLimits',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.UpdateLimitsRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.UpdateLimitsResponse.FromString,
+                _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/lawchat.v1.AdminService/ReloadModel',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/lawchat.v1.AdminService/Drain',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """AdminService tells operators what the server is doing.
+    """AdminService tells operators what the server is doing and lets them steer it.
+    When authentication is on, every method needs a key with the "admin" scope.
     """
 
     def GetStatus(self, request, context):
-        """GetStatus reports the loaded model and the current load.
+        """GetStatus reports the loaded model, the current load and the guards' state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDegraded(self, request, context):
+        """SetDegraded turns the manual degraded switch on or off: while on, every chat request gets the
+        canned answer without reaching the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateLimits(self, request, context):
+        """UpdateLimits changes rate limits at run time; fields left unset keep their value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModel(self, request, context):
+        """ReloadModel loads another merged model directory and switches new requests to it once it is
+        loaded and warmed up; streams already running finish on the old model. On error the old model
+        keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Drain stops admitting chat requests and returns when those in flight have finished (or the
+        timeout passed). Health reports NOT_SERVING from the start of a drain.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +115,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=lawchat_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=lawchat_dot_v1_dot_admin__pb2.GetStatusResponse.SerializeToString,
             ),
+            'SetDegraded': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDegraded,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.SetDegradedRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.SetDegradedResponse.SerializeToString,
+            ),
+            'UpdateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateLimits,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.UpdateLimitsRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.UpdateLimitsResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.ReloadModelRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.ReloadModelResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lawchat.v1.AdminService', rpc_method_handlers)
@@ -70,7 +144,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService tells operators what the server is doing.
+    """AdminService tells operators what the server is doing and lets them steer it.
+    When authentication is on, every method needs a key with the "admin" scope.
     """
 
     @staticmethod
@@ -90,6 +165,114 @@ class AdminService:
             '/lawchat.v1.AdminService/GetStatus',
             lawchat_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             lawchat_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDegraded(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/SetDegraded',
+            lawchat_dot_v1_dot_admin__pb2.SetDegradedRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.SetDegradedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/UpdateLimits',
+            lawchat_dot_v1_dot_admin__pb2.UpdateLimitsRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.UpdateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/ReloadModel',
+            lawchat_dot_v1_dot_admin__pb2.ReloadModelRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.ReloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/Drain',
+            lawchat_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,9 +30,13 @@ class ChatServiceStub:
 
     Request metadata:
     x-request-id  optional; echoed back in the initial metadata (one is made when absent).
-    x-api-key     reserved for authentication.
-    Status codes: INVALID_ARGUMENT for bad messages or parameters, RESOURCE_EXHAUSTED when the
-    server is overloaded, UNAVAILABLE while shutting down, DEADLINE_EXCEEDED past the deadline.
+    x-api-key     the caller's API key when the server has authentication on.
+    Status codes: INVALID_ARGUMENT for bad messages or parameters, UNAUTHENTICATED for a missing or
+    unknown key, PERMISSION_DENIED for a key without the needed scope, RESOURCE_EXHAUSTED when a rate
+    limit or the wait queue is full (trailing metadata `retry-after-ms` says when to retry),
+    UNAVAILABLE while loading, draining or shutting down, DEADLINE_EXCEEDED past the deadline.
+    While the model is unavailable (circuit breaker open) or the degraded switch is on, the server
+    answers with a canned text marked `degraded` and FINISH_REASON_DEGRADED instead of an error.
     """
 
     def __init__(self, channel):
@@ -58,9 +62,13 @@ class ChatServiceServicer:
 
     Request metadata:
     x-request-id  optional; echoed back in the initial metadata (one is made when absent).
-    x-api-key     reserved for authentication.
-    Status codes: INVALID_ARGUMENT for bad messages or parameters, RESOURCE_EXHAUSTED when the
-    server is overloaded, UNAVAILABLE while shutting down, DEADLINE_EXCEEDED past the deadline.
+    x-api-key     the caller's API key when the server has authentication on.
+    Status codes: INVALID_ARGUMENT for bad messages or parameters, UNAUTHENTICATED for a missing or
+    unknown key, PERMISSION_DENIED for a key without the needed scope, RESOURCE_EXHAUSTED when a rate
+    limit or the wait queue is full (trailing metadata `retry-after-ms` says when to retry),
+    UNAVAILABLE while loading, draining or shutting down, DEADLINE_EXCEEDED past the deadline.
+    While the model is unavailable (circuit breaker open) or the degraded switch is on, the server
+    answers with a canned text marked `degraded` and FINISH_REASON_DEGRADED instead of an error.
     """
 
     def Chat(self, request, context):
@@ -104,9 +112,13 @@ class ChatService:
 
     Request metadata:
     x-request-id  optional; echoed back in the initial metadata (one is made when absent).
-    x-api-key     reserved for authentication.
-    Status codes: INVALID_ARGUMENT for bad messages or parameters, RESOURCE_EXHAUSTED when the
-    server is overloaded, UNAVAILABLE while shutting down, DEADLINE_EXCEEDED past the deadline.
+    x-api-key     the caller's API key when the server has authentication on.
+    Status codes: INVALID_ARGUMENT for bad messages or parameters, UNAUTHENTICATED for a missing or
+    unknown key, PERMISSION_DENIED for a key without the needed scope, RESOURCE_EXHAUSTED when a rate
+    limit or the wait queue is full (trailing metadata `retry-after-ms` says when to retry),
+    UNAVAILABLE while loading, draining or shutting down, DEADLINE_EXCEEDED past the deadline.
+    While the model is unavailable (circuit breaker open) or the degraded switch is on, the server
+    answers with a canned text marked `degraded` and FINISH_REASON_DEGRADED instead of an error.
     """
 
     @staticmethod

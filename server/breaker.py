@@ -1,0 +1,138 @@
+"""breaker: a circuit breaker around the engine (the `circuitbreaker` package) plus the manual degraded switch.
+
+Decisions, each tested in tests/test_guards.py:
+- What counts: engine errors, a stalled engine (no step for `stall_seconds` while a request waits on it,
+  see `engine.read_chunks`) and a dead engine process are failures; a client's own cancel or deadline is
+  neither failure nor success. The package resets its count on any exception it is not told to expect
+  (CancelledError and GeneratorExit included), so outcomes are recorded here explicitly, never by wrapping
+  the stream in the breaker.
+- Consecutive failures open it (the package's rule: a success resets the count).
+- Half-open: the package lets every call through once the recovery time has passed; here at most
+  `half_open_probes` requests at a time are probes, the others keep getting the canned answer. A probe's
+  success closes the breaker, its failure opens it again for another `recovery_seconds`.
+- Outcomes of requests admitted before the breaker last opened are ignored (a long stream that started
+  while all was well says nothing about the engine now).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
+
+log = logging.getLogger("lawchat.breaker")
+
+STATES = (STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN)   # metric value = index
+
+
+@dataclass
+class BreakerConfig:
+    failure_threshold: int = 5       # consecutive engine failures that open the breaker
+    recovery_seconds: int = 30       # open this long before probing (whole seconds: the package's resolution)
+    half_open_probes: int = 1        # requests let through at a time while half-open
+    stall_seconds: float = 30.0      # a request whose engine makes no step this long is failed as stalled
+
+    def validate(self) -> None:
+        if self.failure_threshold < 1 or self.recovery_seconds < 1 or self.half_open_probes < 1:
+            raise ValueError("breaker: failure_threshold, recovery_seconds and half_open_probes must be >= 1")
+        if not self.stall_seconds > 0:
+            raise ValueError(f"breaker.stall_seconds must be > 0, got {self.stall_seconds}")
+
+
+class EngineFailure(Exception):
+    """What the breaker counts. `kind`: error, stalled, engine_gone."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+@dataclass
+class Ticket:
+    epoch: int            # the breaker's opening count when the request was admitted
+    probe: bool
+    settled: bool = False
+
+
+class Breaker:
+    def __init__(self, config: BreakerConfig):
+        config.validate()
+        self.config = config
+        self._cb = CircuitBreaker(failure_threshold=config.failure_threshold,
+                                  recovery_timeout=config.recovery_seconds,
+                                  expected_exception=EngineFailure, name="lawchat-engine")
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._probes = 0
+        self.last_failure = ""
+        self.switch_on = False           # the operator's manual degraded switch
+        self.switch_reason = ""
+
+    @property
+    def state(self) -> str:
+        return self._cb.state
+
+    @property
+    def failures(self) -> int:
+        return self._cb.failure_count
+
+    @property
+    def open_remaining(self) -> float:
+        return max(0.0, float(self._cb.open_remaining)) if self._cb.state == STATE_OPEN else 0.0
+
+    def set_switch(self, on: bool, reason: str) -> None:
+        self.switch_on, self.switch_reason = on, reason if on else ""
+        log.warning("degraded switch %s%s", "ON" if on else "off", f" ({reason})" if on and reason else "")
+
+    def admit(self) -> Ticket | str:
+        """A ticket to use the engine, or why not: 'switch' or 'breaker_open'."""
+        if self.switch_on:
+            return "switch"
+        with self._lock:
+            state = self._cb.state
+            if state == STATE_OPEN:
+                return "breaker_open"
+            if state == STATE_HALF_OPEN:
+                if self._probes >= self.config.half_open_probes:
+                    return "breaker_open"
+                self._probes += 1
+                return Ticket(self._epoch, probe=True)
+            return Ticket(self._epoch, probe=False)
+
+    def _settle(self, ticket: Ticket) -> bool:
+        """Free the probe slot once; -> whether the outcome still counts."""
+        if ticket.settled:
+            return False
+        ticket.settled = True
+        if ticket.probe:
+            self._probes -= 1
+        return ticket.epoch == self._epoch
+
+    def success(self, ticket: Ticket) -> None:
+        with self._lock:
+            if self._settle(ticket):
+                with self._cb:             # no exception: the package resets its count and closes
+                    pass
+
+    def failure(self, ticket: Ticket, error: EngineFailure) -> None:
+        with self._lock:
+            if not self._settle(ticket):
+                return
+            was = self._cb.state
+            self.last_failure = error.kind
+            try:
+                with self._cb:
+                    raise error
+            except EngineFailure:
+                pass
+            if self._cb.state == STATE_OPEN and was != STATE_OPEN:
+                self._epoch += 1
+                log.error("circuit breaker OPEN after %d consecutive engine failures (last: %s); canned answers "
+                          "for %d s", self._cb.failure_count, error.kind, self.config.recovery_seconds)
+
+    def ignore(self, ticket: Ticket) -> None:
+        """The client left (cancel, deadline) or was refused: neither a success nor a failure of the engine.
+        A no-op for a ticket already settled, so callers may call it in `finally`."""
+        with self._lock:
+            self._settle(ticket)

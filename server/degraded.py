@@ -1,0 +1,23 @@
+"""degraded: the canned answer streamed instead of the model's while the breaker is open or the switch is on."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_MESSAGE = ("抱歉，法律小助手现在繁忙，暂时无法回答您的问题。请稍后再试；如需尽快得到帮助，"
+                   "请咨询执业律师，或拨打12348公共法律服务热线（法律援助）。")
+
+
+@dataclass
+class DegradedConfig:
+    message: str = DEFAULT_MESSAGE    # the canned answer; say the assistant is busy and where to get human help
+
+    def validate(self) -> None:
+        if not self.message.strip():
+            raise ValueError("degraded.message must not be empty")
+
+
+def canned_deltas(message: str) -> list[str]:
+    """The message cut after each sentence or clause mark, so it streams like an answer."""
+    parts = [p for p in re.split(r"(?<=[，。；！？,.;!?])", message) if p]
+    return parts or [message]

@@ -1,0 +1,171 @@
+"""limiter: token buckets in requests/s and generated tokens/s, one global and one per client.
+
+A request is admitted when every request bucket has a whole token and no token bucket is in debt;
+generated tokens are charged as they stream, so a bucket can go below zero (a client that asked for
+2,048 tokens pays for all of them) and stays closed until it has refilled. A refusal carries the
+time until the emptiest bucket allows the request again (`retry-after-ms`).
+
+Per-client buckets live in an LRU map bounded by `max_clients`; a client idle for `client_idle_seconds`
+is forgotten (its bucket would be full again by then anyway).
+
+Written here rather than taken from a package: the rate-limit packages on PyPI (limits, pyrate-limiter,
+aiolimiter) either block until capacity is there or answer yes/no without the wait time, and none
+charges after the fact (tokens as they stream) or changes rate in place at run time.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+REQUESTS, TOKENS = "requests", "tokens"
+
+
+@dataclass
+class Rate:
+    rate: float = 0.0      # per second; 0 = unlimited
+    burst: float = 0.0     # bucket size; 0 = one second's worth of rate (at least 1)
+
+    def validate(self, where: str) -> None:
+        for name in ("rate", "burst"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{where}.{name} must be a finite number >= 0, got {v!r}")
+
+    @property
+    def size(self) -> float:
+        return self.burst if self.burst > 0 else max(self.rate, 1.0)
+
+
+@dataclass
+class LimitsConfig:
+    global_requests: Rate = field(default_factory=Rate)   # all clients together
+    global_tokens: Rate = field(default_factory=Rate)
+    client_requests: Rate = field(default_factory=Rate)   # each client (API key, else peer address)
+    client_tokens: Rate = field(default_factory=Rate)
+    max_clients: int = 10000             # per-client buckets kept; the least recently seen go first
+    client_idle_seconds: float = 600.0   # a client unseen this long is forgotten
+
+    RATES = ("global_requests", "global_tokens", "client_requests", "client_tokens")
+
+    def validate(self) -> None:
+        for name in self.RATES:
+            getattr(self, name).validate(f"limits.{name}")
+        if self.max_clients < 1 or not self.client_idle_seconds > 0:
+            raise ValueError("limits.max_clients must be >= 1 and limits.client_idle_seconds > 0")
+
+
+class TokenBucket:
+    """Refills at `rate` per second up to `size`; `level` may go negative (debt from charged tokens)."""
+
+    def __init__(self, rate: Rate, now: float):
+        self.rate, self.size = rate.rate, rate.size
+        self.level = self.size
+        self.t = now
+
+    def refill(self, now: float) -> None:
+        if now > self.t:
+            self.level = min(self.size, self.level + (now - self.t) * self.rate)
+        self.t = now
+
+    def wait_for(self, need: float) -> float:
+        """Seconds until `level >= need` (0 if it already is). Call refill first."""
+        if self.rate <= 0 or self.level >= need:
+            return 0.0
+        return (need - self.level) / self.rate
+
+    def reconfigure(self, rate: Rate) -> None:
+        self.rate, self.size = rate.rate, rate.size
+        self.level = min(self.level, self.size)
+
+
+@dataclass
+class Decision:
+    admitted: bool
+    reason: str = ""             # which bucket refused: global_requests, client_tokens, ...
+    retry_after: float = 0.0     # seconds
+
+
+class Limiter:
+    def __init__(self, config: LimitsConfig, clock=time.monotonic):
+        config.validate()
+        self.config = config
+        self.clock = clock
+        self._lock = threading.Lock()
+        now = clock()
+        self._global = {REQUESTS: TokenBucket(config.global_requests, now),
+                        TOKENS: TokenBucket(config.global_tokens, now)}
+        self._clients: OrderedDict[str, dict[str, TokenBucket]] = OrderedDict()
+
+    def _client(self, client: str, now: float) -> dict[str, TokenBucket]:
+        buckets = self._clients.get(client)
+        if buckets is None:
+            buckets = {REQUESTS: TokenBucket(self.config.client_requests, now),
+                       TOKENS: TokenBucket(self.config.client_tokens, now)}
+            self._clients[client] = buckets
+        else:
+            self._clients.move_to_end(client)
+        self._expire(now)
+        return buckets
+
+    def _expire(self, now: float) -> None:
+        idle = self.config.client_idle_seconds
+        while self._clients:
+            oldest, buckets = next(iter(self._clients.items()))
+            if len(self._clients) > self.config.max_clients or now - buckets[REQUESTS].t > idle:
+                del self._clients[oldest]
+            else:
+                break
+
+    def admit(self, client: str) -> Decision:
+        """Take one request token from the global and the client's request buckets, or say how long to wait."""
+        with self._lock:
+            now = self.clock()
+            mine = self._client(client, now)
+            checks = (("global_requests", self._global[REQUESTS], 1.0), ("client_requests", mine[REQUESTS], 1.0),
+                      ("global_tokens", self._global[TOKENS], 0.0), ("client_tokens", mine[TOKENS], 0.0))
+            worst = Decision(True)
+            for name, bucket, need in checks:
+                bucket.refill(now)
+                wait = bucket.wait_for(need)
+                if wait > worst.retry_after:
+                    worst = Decision(False, name, wait)
+            if worst.admitted:
+                self._global[REQUESTS].level -= 1.0 if self._global[REQUESTS].rate > 0 else 0.0
+                mine[REQUESTS].level -= 1.0 if mine[REQUESTS].rate > 0 else 0.0
+            return worst
+
+    def charge_tokens(self, client: str, n: int) -> None:
+        """Generated tokens, charged as they stream (the buckets may go into debt)."""
+        if n <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            mine = self._clients.get(client)
+            for bucket in (self._global[TOKENS], mine[TOKENS] if mine else None):
+                if bucket is not None and bucket.rate > 0:
+                    bucket.refill(now)
+                    bucket.level -= n
+
+    def update(self, **rates: Rate) -> LimitsConfig:
+        """Change some of the four rates in place (existing buckets keep their level, capped at the new size)."""
+        with self._lock:
+            for name, rate in rates.items():
+                if name not in LimitsConfig.RATES:
+                    raise ValueError(f"unknown limit {name!r}; expected one of {list(LimitsConfig.RATES)}")
+                rate.validate(f"limits.{name}")
+            for name, rate in rates.items():
+                setattr(self.config, name, rate)
+                scope, kind = name.split("_")
+                if scope == "global":
+                    self._global[kind].reconfigure(rate)
+                else:
+                    for buckets in self._clients.values():
+                        buckets[kind].reconfigure(rate)
+            return self.config
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._clients)

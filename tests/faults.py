@@ -1,0 +1,67 @@
+"""Fault injection for in-process servers: a model runner that is slow, raises, or hangs, around the real one."""
+from __future__ import annotations
+
+import threading
+import time
+
+from lawchat_server.app import ThreadedServer
+from lawchat_server.config import ServerConfig
+from lawchat_server.engine.config import EngineConfig
+from lawchat_server.engine.engine import Engine
+
+
+class FaultyRunner:
+    """The real runner, with a delay per engine step and, by `mode`: 'ok', 'raise' (every step fails),
+    'hang' (a step blocks until `release()` or the mode changes). `fail_steps` fails that many steps first."""
+
+    def __init__(self, runner, delay: float = 0.0, fail_steps: int = 0):
+        self.inner, self.delay, self.fail_steps = runner, delay, fail_steps
+        self.mode = "ok"
+        self.decoded = 0
+        self.calls = 0
+        self._unhang = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode != "hang":
+            self._unhang.set()
+        else:
+            self._unhang.clear()
+
+    def execute(self, prefill, decode):
+        self.calls += 1
+        if self.fail_steps > 0:
+            self.fail_steps -= 1
+            raise RuntimeError("CUDA out of memory (injected)")
+        if self.mode == "raise":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        if self.mode == "hang":
+            self._unhang.wait(60)
+        time.sleep(self.delay)
+        self.decoded += len(decode)
+        return self.inner.execute(prefill, decode)
+
+
+def InProcessServer(runner, cfg: ServerConfig | None = None, loader=None, **engine_cfg) -> ThreadedServer:
+    cfg = cfg or ServerConfig(port=0)
+    return ThreadedServer(Engine(runner, EngineConfig(**engine_cfg)), cfg, "tiny", loader=loader)
+
+
+def engine_of(srv: ThreadedServer):
+    return srv.app.slot.engine
+
+
+def count(srv: ThreadedServer, method: str, code: str) -> float:
+    return srv.app.metrics.requests.labels(method, code)._value.get()
+
+
+def wait_until(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
