@@ -49,6 +49,7 @@ class App:
     keys: KeyStore
     port: int
     watcher: asyncio.Task | None = None
+    serving: bool = False          # what health last said for ChatService
 
 
 def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
@@ -102,19 +103,22 @@ async def start_app(app: App) -> None:
     app.watcher = asyncio.create_task(watch_health(app))
 
 
-async def watch_health(app: App) -> None:
+async def update_health(app: App) -> None:
     """ChatService health follows the engine: SERVING while one is loaded and alive and not draining, so a
     balancer moves traffic away from a replica whose engine died (it still answers, with canned text)."""
-    last = None
+    engine = app.slot.engine
+    ok = engine is not None and getattr(engine, "alive", True) and not app.slot.draining
+    if ok != app.serving:
+        for name in ("", CHAT_SERVICE):
+            await app.health.set(name, SERVING if ok else NOT_SERVING)
+        if app.serving and not ok and not app.slot.draining:
+            log.error("the engine is not alive: health NOT_SERVING")
+        app.serving = ok
+
+
+async def watch_health(app: App) -> None:
     while True:
-        engine = app.slot.engine
-        ok = engine is not None and getattr(engine, "alive", True) and not app.slot.draining
-        if ok != last:
-            for name in ("", CHAT_SERVICE):
-                await app.health.set(name, SERVING if ok else NOT_SERVING)
-            if last is not None and not ok and not app.slot.draining:
-                log.error("the engine is not alive: health NOT_SERVING")
-            last = ok
+        await update_health(app)
         await asyncio.sleep(HEALTH_POLL_S)
 
 
@@ -142,6 +146,7 @@ class ThreadedServer:
             await start_app(app)
             engine.start()
             slot.set(engine, Path(model_name))
+            await update_health(app)
             return app
 
         self.app = self.call(build_and_start())
@@ -212,6 +217,7 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
         log.info("stopped while loading")
         return
     slot.set(load.result(), model_dir)
+    await update_health(app)
     # One line that scripts and tests wait for: where to connect.
     scheme = "tls" if cfg.tls.enabled else "grpc"
     print(f"lawchat serve: ready grpc={cfg.host}:{app.port} metrics=http://{cfg.metrics_host}:{http_server.server_port}"

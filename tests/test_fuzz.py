@@ -1,0 +1,113 @@
+"""Property-based fuzzing (hypothesis) of ChatService requests against a real in-process server.
+
+Every request gets the status a written-down oracle of the API's rules predicts (OK or INVALID_ARGUMENT;
+a prompt that does not fit may be either when the oracle cannot count tokens), every OK stream ends with
+a final message, and the server keeps serving afterwards.
+"""
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lawchat.v1 import chat_pb2, chat_pb2_grpc
+
+from faults import InProcessServer
+from lawchat_server.config import ServerConfig
+from lawchat_server.engine.model_runner import load_runner
+from lawchat_server.params import GenerationDefaults
+
+D = GenerationDefaults()
+ODD_TEXT = st.sampled_from(["", " ", "\n\t", "\u200b", "\ufeff问", "😀⚖️", "\u0000", "a\u0301", "法" * 600,
+                            "<|user|>", "<|assistant|>\n", "[gMASK]sop", "{{ raise_exception('x') }}", "%s%n"])
+TEXT = st.one_of(ODD_TEXT, st.text(st.characters(exclude_categories=("Cs",)), max_size=40),
+                 st.builds(lambda n, ch: ch * n, st.integers(D.max_message_chars - 1, D.max_message_chars + 1),
+                           st.sampled_from(["法", "a", " ", "😀"])))   # around the per-message character limit
+ROLE = st.sampled_from(["user", "assistant", "system", "", "User", "tool", "律师", "user\x00"])
+FLOAT = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1.0, 2.0]))
+TOKENS = st.one_of(st.none(), st.integers(0, 6), st.integers(D.max_new_tokens_limit + 1, 2**32 - 1))
+STOPS = st.lists(st.one_of(st.just(""), st.text(max_size=3), st.text(min_size=60, max_size=70)), max_size=10)
+METADATA = st.lists(st.tuples(st.sampled_from(["x-request-id", "x-api-key", "x-odd"]),
+                              st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=200)),
+                    max_size=3)
+
+
+def oracle(msgs, temperature, top_p, max_new, stops) -> str | None:
+    """INVALID_ARGUMENT, OK, or None when only the tokenizer can tell (a prompt near the length limit)."""
+    if not msgs or len(msgs) > D.max_messages:
+        return "INVALID_ARGUMENT"
+    for role, content in msgs:
+        if role not in ("system", "user", "assistant") or len(content) > D.max_message_chars:
+            return "INVALID_ARGUMENT"
+        if role != "assistant" and not content.strip():
+            return "INVALID_ARGUMENT"
+    if msgs[-1][0] != "user":
+        return "INVALID_ARGUMENT"
+    t = D.temperature if temperature is None else temperature
+    p = D.top_p if top_p is None else top_p
+    if not (0.0 <= t <= 2.0) or not (0.0 < p <= 1.0) or math.isnan(t) or math.isnan(p):
+        return "INVALID_ARGUMENT"
+    n = D.max_new_tokens if max_new is None else max_new
+    if not 1 <= n <= D.max_new_tokens_limit:
+        return "INVALID_ARGUMENT"
+    if len(stops) > D.max_stop_sequences or any(not s or len(s) > D.max_stop_sequence_chars for s in stops):
+        return "INVALID_ARGUMENT"
+    if sum(len(c) for _, c in msgs) > 200:      # the tiny model's max_len: may not fit
+        return None
+    return "OK"
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_model):
+    srv = InProcessServer(load_runner(tiny_model, device="cpu"), ServerConfig(port=0))
+    channel = grpc.insecure_channel(srv.target)
+    yield chat_pb2_grpc.ChatServiceStub(channel)
+    channel.close()
+    srv.stop()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(msgs=st.lists(st.tuples(ROLE, TEXT), max_size=4) | st.lists(st.tuples(st.just("user"), st.just("问")),
+                                                                    min_size=D.max_messages, max_size=D.max_messages + 1),
+       temperature=FLOAT, top_p=FLOAT, top_k=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+       seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)), max_new=TOKENS, stops=STOPS,
+       ignore_eos=st.booleans(), metadata=METADATA, streaming=st.booleans())
+def test_fuzzed_requests_get_the_right_status(stub, msgs, temperature, top_p, top_k, seed, max_new, stops,
+                                              ignore_eos, metadata, streaming):
+    sampling = chat_pb2.SamplingParameters()
+    for name, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if v is not None:
+            setattr(sampling, name, v)
+    stopping = chat_pb2.StoppingCriteria(stop_sequences=stops, ignore_eos=ignore_eos)
+    if max_new is not None:
+        stopping.max_new_tokens = max_new
+    kw = dict(messages=[chat_pb2.Message(role=r, content=c) for r, c in msgs], sampling=sampling, stopping=stopping)
+    # the oracle sees what went over the wire (float32)
+    want = oracle(msgs, sampling.temperature if temperature is not None else None,
+                  sampling.top_p if top_p is not None else None, max_new, stops)
+    try:
+        if streaming:
+            out = list(stub.ChatStream(chat_pb2.ChatStreamRequest(**kw), metadata=metadata, timeout=60))
+            final = out[-1]
+            assert all(m.finish_reason == chat_pb2.FINISH_REASON_UNSPECIFIED for m in out[:-1])
+        else:
+            final = stub.Chat(chat_pb2.ChatRequest(**kw), metadata=metadata, timeout=60)
+        got = "OK"
+        assert final.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED
+        assert 1 <= final.usage.completion_tokens <= (max_new or D.max_new_tokens)
+    except grpc.RpcError as e:
+        got = e.code().name
+        assert e.details()
+    assert got in ("OK", "INVALID_ARGUMENT"), got
+    if want is not None:
+        assert got == want, (want, got)
+
+
+def test_server_still_serves_after_fuzzing(stub):
+    r = stub.Chat(chat_pb2.ChatRequest(messages=[chat_pb2.Message(role="user", content="试用期多长？")],
+                                       stopping=chat_pb2.StoppingCriteria(max_new_tokens=3, ignore_eos=True)),
+                  timeout=30)
+    assert r.usage.completion_tokens == 3
