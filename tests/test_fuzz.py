@@ -10,7 +10,7 @@ import math
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from lawchat.v1 import chat_pb2, chat_pb2_grpc
 
@@ -22,41 +22,56 @@ from lawchat_server.params import GenerationDefaults
 D = GenerationDefaults()
 ODD_TEXT = st.sampled_from(["", " ", "\n\t", "\u200b", "\ufeff问", "😀⚖️", "\u0000", "a\u0301", "法" * 600,
                             "<|user|>", "<|assistant|>\n", "[gMASK]sop", "{{ raise_exception('x') }}", "%s%n"])
-TEXT = st.one_of(ODD_TEXT, st.text(st.characters(exclude_categories=("Cs",)), max_size=40),
+# mostly valid values with odd ones mixed in, so that one bad field at a time is common
+PLAIN = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
+TEXT = st.one_of(PLAIN, PLAIN, ODD_TEXT,
                  st.builds(lambda n, ch: ch * n, st.integers(D.max_message_chars - 1, D.max_message_chars + 1),
                            st.sampled_from(["法", "a", " ", "😀"])))   # around the per-message character limit
-ROLE = st.sampled_from(["user", "assistant", "system", "", "User", "tool", "律师", "user\x00"])
-FLOAT = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1.0, 2.0]))
-TOKENS = st.one_of(st.none(), st.integers(0, 6), st.integers(D.max_new_tokens_limit + 1, 2**32 - 1))
-STOPS = st.lists(st.one_of(st.just(""), st.text(max_size=3), st.text(min_size=60, max_size=70)), max_size=10)
+ROLE = st.sampled_from(["user"] * 6 + ["assistant", "system", "", "User", "tool", "律师", "user\x00"])
+FLOAT = st.one_of(st.none(), st.floats(0, 2, width=32), st.floats(allow_nan=True, allow_infinity=True, width=32),
+                  st.sampled_from([0.0, 1.0, 2.0, -0.0, -1e-8, 2.0000002]))
+TOKENS = st.one_of(st.none(), st.integers(1, 6), st.integers(0, 6), st.integers(D.max_new_tokens_limit + 1, 2**32 - 1))
+STOPS = st.one_of(st.just([]), st.lists(st.text(min_size=1, max_size=3), max_size=3),
+                  st.lists(st.one_of(st.just(""), st.text(max_size=3), st.text(min_size=60, max_size=70)), max_size=10))
 METADATA = st.lists(st.tuples(st.sampled_from(["x-request-id", "x-api-key", "x-odd"]),
                               st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=200)),
                     max_size=3)
 
 
-def oracle(msgs, temperature, top_p, max_new, stops) -> str | None:
-    """INVALID_ARGUMENT, OK, or None when only the tokenizer can tell (a prompt near the length limit)."""
-    if not msgs or len(msgs) > D.max_messages:
-        return "INVALID_ARGUMENT"
-    for role, content in msgs:
-        if role not in ("system", "user", "assistant") or len(content) > D.max_message_chars:
-            return "INVALID_ARGUMENT"
+def oracle(msgs, temperature, top_p, max_new, stops) -> tuple[str | None, str]:
+    """(INVALID_ARGUMENT and a phrase its message must hold) or OK; None when only the tokenizer can tell
+    (a prompt near the tiny model's length limit)."""
+    bad = "INVALID_ARGUMENT"
+    if not msgs:
+        return bad, "messages is empty"
+    if len(msgs) > D.max_messages:
+        return bad, "messages; this server takes at most"
+    for i, (role, content) in enumerate(msgs):
+        if role not in ("system", "user", "assistant"):
+            return bad, f"messages[{i}].role must be one of"
+        if len(content) > D.max_message_chars:
+            return bad, f"messages[{i}].content has {len(content)} characters"
         if role != "assistant" and not content.strip():
-            return "INVALID_ARGUMENT"
+            return bad, f"messages[{i}].content is empty"
     if msgs[-1][0] != "user":
-        return "INVALID_ARGUMENT"
+        return bad, "the last message must have role 'user'"
     t = D.temperature if temperature is None else temperature
     p = D.top_p if top_p is None else top_p
-    if not (0.0 <= t <= 2.0) or not (0.0 < p <= 1.0) or math.isnan(t) or math.isnan(p):
-        return "INVALID_ARGUMENT"
+    if not (0.0 <= t <= 2.0) or math.isnan(t):
+        return bad, "sampling.temperature must be in [0, 2]"
+    if not (0.0 < p <= 1.0) or math.isnan(p):
+        return bad, "sampling.top_p must be in (0, 1]"
     n = D.max_new_tokens if max_new is None else max_new
     if not 1 <= n <= D.max_new_tokens_limit:
-        return "INVALID_ARGUMENT"
-    if len(stops) > D.max_stop_sequences or any(not s or len(s) > D.max_stop_sequence_chars for s in stops):
-        return "INVALID_ARGUMENT"
+        return bad, "stopping.max_new_tokens must be in"
+    if len(stops) > D.max_stop_sequences:
+        return bad, f"at most {D.max_stop_sequences} stop_sequences"
+    for i, s in enumerate(stops):
+        if not s or len(s) > D.max_stop_sequence_chars:
+            return bad, f"stopping.stop_sequences[{i}] must have"
     if sum(len(c) for _, c in msgs) > 200:      # the tiny model's max_len: may not fit
-        return None
-    return "OK"
+        return None, ""
+    return "OK", ""
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +83,25 @@ def stub(tiny_model):
     srv.stop()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(msgs=st.lists(st.tuples(ROLE, TEXT), max_size=4) | st.lists(st.tuples(st.just("user"), st.just("问")),
                                                                     min_size=D.max_messages, max_size=D.max_messages + 1),
        temperature=FLOAT, top_p=FLOAT, top_k=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
        seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)), max_new=TOKENS, stops=STOPS,
        ignore_eos=st.booleans(), metadata=METADATA, streaming=st.booleans())
+# the boundaries, always tried besides what hypothesis draws
+@example(msgs=[("user", "问")], temperature=-1.0, top_p=None, top_k=None, seed=None, max_new=2, stops=[],
+         ignore_eos=False, metadata=[], streaming=True)
+@example(msgs=[("user", "问")], temperature=None, top_p=0.0, top_k=None, seed=None, max_new=2, stops=[],
+         ignore_eos=False, metadata=[], streaming=False)
+@example(msgs=[("user", "问")], temperature=float("nan"), top_p=float("nan"), top_k=None, seed=None, max_new=2,
+         stops=[], ignore_eos=False, metadata=[], streaming=False)
+@example(msgs=[("user", "法" * (D.max_message_chars + 1))], temperature=None, top_p=None, top_k=None, seed=None,
+         max_new=2, stops=[], ignore_eos=False, metadata=[], streaming=True)
+@example(msgs=[("user", "问")], temperature=None, top_p=None, top_k=None, seed=None, max_new=2,
+         stops=["a"] * (D.max_stop_sequences + 1), ignore_eos=False, metadata=[("x-request-id", " bad id; DROP TABLE ")],
+         streaming=True)
 def test_fuzzed_requests_get_the_right_status(stub, msgs, temperature, top_p, top_k, seed, max_new, stops,
                                               ignore_eos, metadata, streaming):
     sampling = chat_pb2.SamplingParameters()
@@ -86,7 +113,7 @@ def test_fuzzed_requests_get_the_right_status(stub, msgs, temperature, top_p, to
         stopping.max_new_tokens = max_new
     kw = dict(messages=[chat_pb2.Message(role=r, content=c) for r, c in msgs], sampling=sampling, stopping=stopping)
     # the oracle sees what went over the wire (float32)
-    want = oracle(msgs, sampling.temperature if temperature is not None else None,
+    want, needle = oracle(msgs, sampling.temperature if temperature is not None else None,
                   sampling.top_p if top_p is not None else None, max_new, stops)
     try:
         if streaming:
@@ -101,6 +128,7 @@ def test_fuzzed_requests_get_the_right_status(stub, msgs, temperature, top_p, to
     except grpc.RpcError as e:
         got = e.code().name
         assert e.details()
+        assert needle in e.details() or want is None, (needle, e.details())
     assert got in ("OK", "INVALID_ARGUMENT"), got
     if want is not None:
         assert got == want, (want, got)

@@ -375,3 +375,21 @@ def test_engine_death_turns_health_not_serving(runner):
             assert wait_until(lambda: health.Check(req).status == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
     finally:
         srv.stop()
+
+
+def test_request_size_limits_are_invalid_argument(runner):
+    from lawchat_server.params import GenerationDefaults
+    cfg = ServerConfig(port=0, generation=GenerationDefaults(max_request_bytes=2000, max_messages=3,
+                                                             max_message_chars=500))
+    srv = InProcessServer(runner, cfg)
+    try:
+        with LawchatClient(srv.target, timeout=30) as c:
+            for messages, needle in ((("user", "法" * 400),) * 2, "bytes; this server takes at most 2000"),
+                                     ([("user", "问")] * 4, "4 messages; this server takes at most 3"),
+                                     ([("user", "a" * 501)], "messages[0].content has 501 characters")):
+                with pytest.raises(LawchatError) as e:
+                    c.chat(list(messages), max_new_tokens=2)
+                assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details
+            assert c.chat([("user", "问")] * 3, max_new_tokens=2, ignore_eos=True).completion_tokens == 2
+    finally:
+        srv.stop()
