@@ -384,9 +384,10 @@ def test_request_size_limits_are_invalid_argument(runner):
     srv = InProcessServer(runner, cfg)
     try:
         with LawchatClient(srv.target, timeout=30) as c:
-            for messages, needle in ((("user", "法" * 400),) * 2, "bytes; this server takes at most 2000"),
-                                     ([("user", "问")] * 4, "4 messages; this server takes at most 3"),
-                                     ([("user", "a" * 501)], "messages[0].content has 501 characters")):
+            cases = [([("user", "法" * 400)] * 2, "bytes; this server takes at most 2000"),
+                     ([("user", "问")] * 4, "4 messages; this server takes at most 3"),
+                     ([("user", "a" * 501)], "messages[0].content has 501 characters")]
+            for messages, needle in cases:
                 with pytest.raises(LawchatError) as e:
                     c.chat(list(messages), max_new_tokens=2)
                 assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details
