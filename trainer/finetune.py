@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from lawchat_server.prompt import IGNORE_INDEX, encode_training_example
+from lawchat_server.prompt import encode_training_example
 
 
 class FinetuneError(Exception):
@@ -34,6 +34,12 @@ class FinetuneConfig:
     max_output_length: int = 512
     training_args: dict = field(default_factory=dict)
     peft_config: dict = field(default_factory=dict)
+    packing: bool = False        # lawchat's addition: examples back to back without padding (trainer/collate.py)
+
+
+# LoRA targets when peft_config leaves target_modules unset and PEFT has no default for the model type.
+# glm: a ChatGLM3 checkpoint converted to transformers' GlmForCausalLM (PEFT's own list knows only "chatglm").
+DEFAULT_TARGET_MODULES = {"glm": ["q_proj", "k_proj", "v_proj"]}
 
 
 def load_config(path: str | Path) -> FinetuneConfig:
@@ -41,7 +47,7 @@ def load_config(path: str | Path) -> FinetuneConfig:
     if not path.is_file():
         raise FinetuneError(f"no such config: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config"}
+    known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "packing"}
     unknown = set(raw) - known
     if unknown:
         raise FinetuneError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -54,7 +60,8 @@ def load_config(path: str | Path) -> FinetuneConfig:
                          max_input_length=int(raw.get("max_input_length", 256)),
                          max_output_length=int(raw.get("max_output_length", 512)),
                          training_args=dict(raw.get("training_args") or {}),
-                         peft_config=dict(raw.get("peft_config") or {}))
+                         peft_config=dict(raw.get("peft_config") or {}),
+                         packing=bool(raw.get("packing", FinetuneConfig.packing)))
     if cfg.peft_config.get("peft_type", "LORA") != "LORA":
         raise FinetuneError(f"{path}: only peft_type LORA is supported, got {cfg.peft_config['peft_type']}")
     return cfg
@@ -96,9 +103,11 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
     """Train LoRA adapters; checkpoints go to output_dir/checkpoint-N, the final adapter to output_dir/final."""
     import torch
     from peft import get_peft_config, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
+
+    from .collate import make_collator
+    from .train_log import CountingTrainer, write_charts
 
     cfg = load_config(config_path)
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -132,23 +141,34 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
                                                  trust_remote_code=trust_remote_code)
-    peft_model = get_peft_model(model, get_peft_config(dict(cfg.peft_config)))
-    peft_model.print_trainable_parameters()
+    model.config.use_cache = False    # training needs no KV cache; with one, transformers skips the packed-sequence mask
+    peft_cfg = dict(cfg.peft_config)
+    if not peft_cfg.get("target_modules") and model.config.model_type in DEFAULT_TARGET_MODULES:
+        peft_cfg["target_modules"] = DEFAULT_TARGET_MODULES[model.config.model_type]
+    peft_model = get_peft_model(model, get_peft_config(peft_cfg))
+    if training_args.gradient_checkpointing:
+        peft_model.enable_input_require_grads()     # frozen embeddings: checkpointed blocks still need a grad path
+    if training_args.process_index == 0:
+        peft_model.print_trainable_parameters()
 
-    trainer = Trainer(model=peft_model, args=training_args, train_dataset=train_rows,
-                      eval_dataset=val_rows or None,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
+    trainer = CountingTrainer(model=peft_model, args=training_args, train_dataset=train_rows,
+                              eval_dataset=val_rows or None, data_collator=make_collator(tokenizer, cfg.packing))
     last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
-    if resume and last is None:
+    if resume and last is None and trainer.is_world_process_zero():
         print(f"train: --resume given but no checkpoint in {out}; starting fresh", file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=last)
 
     final = out / "final"
-    peft_model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    report["train_loss"] = result.training_loss
-    report["global_step"] = result.global_step
-    report["log_history"] = trainer.state.log_history
-    (out / "train_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    trainer.save_model(final)                   # rank 0 only under torchrun; the adapter, not the base
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
+        report["train_loss"] = result.training_loss
+        report["global_step"] = result.global_step
+        report["world_size"] = training_args.world_size
+        report["packing"] = cfg.packing
+        report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+        report["log_history"] = trainer.state.log_history
+        (out / "train_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        write_charts(trainer.state.log_history, out)
     return final
 
