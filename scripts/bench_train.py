@@ -27,12 +27,14 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "40
 # name -> (base config, overrides of the top level, overrides of training_args)
 PROFILES = {
     "seed recipe (fp32, ckpt, batch 4, padded)": (
-        "lora.yaml", {"packing": False},
+        "lora.yaml", {"batching": "padded"},
         {"bf16": False, "gradient_checkpointing": True, "per_device_train_batch_size": 4}),
-    "lora.yaml (bf16, packed, batch 16)": ("lora.yaml", {}, {}),
-    "lora.yaml but padded + group_by_length": ("lora.yaml", {"packing": False}, {"group_by_length": True}),
-    "lora-24gb.yaml (bf16, packed, ckpt, batch 8)": ("lora-24gb.yaml", {}, {}),
-    "lora-24gb.yaml without ckpt": ("lora-24gb.yaml", {}, {"gradient_checkpointing": False}),
+    "lora.yaml (bf16, length-grouped, batch 16)": ("lora.yaml", {}, {}),
+    "lora.yaml but packed": ("lora.yaml", {"batching": "packed"}, {}),
+    "lora.yaml, batch 32": ("lora.yaml", {}, {"per_device_train_batch_size": 32}),
+    "lora.yaml, lora_dropout 0": ("lora.yaml", {"peft_config": "dropout0"}, {}),
+    "lora-24gb.yaml (bf16, grouped, ckpt, batch 8)": ("lora-24gb.yaml", {}, {}),
+    "lora-24gb.yaml, batch 16": ("lora-24gb.yaml", {}, {"per_device_train_batch_size": 16}),
 }
 
 
@@ -63,16 +65,11 @@ def make_data(out: Path, tokenizer_dir: Path, n: int, seed: int = 0) -> dict:
 def run_profile(name: str, model: Path, data: Path, work: Path, steps: int, world: int) -> dict:
     base, top, targs = PROFILES[name]
     cfg = yaml.safe_load((ROOT / "configs" / base).read_text(encoding="utf-8"))
+    if top.get("peft_config") == "dropout0":
+        top = {}
+        cfg["peft_config"]["lora_dropout"] = 0.0
     cfg.update(top)
     cfg["data_config"].update(val_file=None, test_file=None)
-    targs = dict(targs)
-    if targs.pop("group_by_length", False):      # the key's name changed within transformers 5.x
-        from dataclasses import fields
-
-        from transformers import TrainingArguments
-        names = {f.name for f in fields(TrainingArguments)}
-        targs.update({"group_by_length": True} if "group_by_length" in names
-                     else {"train_sampling_strategy": "group_by_length"})
     cfg["training_args"].update(targs, max_steps=steps, logging_steps=5, save_strategy="no", eval_strategy="no",
                                 disable_tqdm=True, log_level="warning", report_to="none")
     slug = "".join(c if c.isalnum() else "_" for c in name)[:40] + f"_w{world}"
@@ -82,7 +79,10 @@ def run_profile(name: str, model: Path, data: Path, work: Path, steps: int, worl
                 if world > 1 else [sys.executable])
     cmd = [*launcher, "-m", "lawchat_trainer.cli", "train", str(data), str(model), str(work / f"{slug}.yaml"),
            "--output-dir", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if world == 1:       # one process on one GPU (several visible GPUs would make the Trainer use DataParallel)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": r.stderr[-1500:]}
     rep = json.loads((out / "train_report.json").read_text())

@@ -65,14 +65,14 @@ def test_real_tokens_leave_out_padding(glm):
 
 def test_packed_training_logs_real_tokens_and_writes_charts(tiny_demo, tmp_path):
     cfg = yaml.safe_load((tiny_demo / "lora" / "lora.yaml").read_text(encoding="utf-8"))
-    cfg["packing"] = True
+    cfg["batching"] = "packed"
     cfg["training_args"].update(max_steps=8, logging_steps=2, eval_steps=4, save_steps=100, dataloader_num_workers=1)
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     out = tmp_path / "run"
     final = finetune(tiny_demo / "data" / "prepared", tiny_demo / "base", tmp_path / "lora.yaml", output_dir=out)
     assert (final / "adapter_config.json").is_file()
     report = json.loads((out / "train_report.json").read_text())
-    assert report["packing"] is True and report["global_step"] == 8
+    assert report["batching"] == "packed" and report["global_step"] == 8
     logs = [h for h in report["log_history"] if "loss" in h]
     assert [h["step"] for h in logs] == [2, 4, 6, 8]
     assert all(h["real_tokens_per_second"] > 0 and "grad_norm" in h and "learning_rate" in h for h in logs)
@@ -95,3 +95,22 @@ def test_shipped_lora_yaml_trains_a_native_glm_unchanged(tiny_demo, tmp_path):
     adapter = json.loads((final / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
     shutil.rmtree(tmp_path / "run")
+
+
+def test_grouped_batching_gives_the_trainer_a_length_grouped_sampler(glm, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from lawchat_trainer.finetune import length_grouping_args
+    import random
+    rng = random.Random(0)
+    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in (rng.randint(3, 300) for _ in range(400))]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none",
+                             **length_grouping_args())
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(glm), args=args, train_dataset=rows)
+    sampler = trainer._get_train_sampler(rows)
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(sampler)
+    gaps = [abs(len(rows[a]["input_ids"]) - len(rows[b]["input_ids"])) for a, b in zip(order[::2], order[1::2])]
+    assert sorted(order) == list(range(400))
+    assert sum(gaps) / len(gaps) < 10        # batch-mates have similar lengths (random pairs: ~100 apart)

@@ -34,7 +34,10 @@ class FinetuneConfig:
     max_output_length: int = 512
     training_args: dict = field(default_factory=dict)
     peft_config: dict = field(default_factory=dict)
-    packing: bool = False        # lawchat's addition: examples back to back without padding (trainer/collate.py)
+    batching: str = "grouped"    # lawchat's addition (trainer/collate.py): grouped | packed | padded
+
+
+BATCHING = ("grouped", "packed", "padded")
 
 
 # LoRA targets when peft_config leaves target_modules unset and PEFT has no default for the model type.
@@ -47,7 +50,7 @@ def load_config(path: str | Path) -> FinetuneConfig:
     if not path.is_file():
         raise FinetuneError(f"no such config: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "packing"}
+    known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "batching"}
     unknown = set(raw) - known
     if unknown:
         raise FinetuneError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -61,7 +64,9 @@ def load_config(path: str | Path) -> FinetuneConfig:
                          max_output_length=int(raw.get("max_output_length", 512)),
                          training_args=dict(raw.get("training_args") or {}),
                          peft_config=dict(raw.get("peft_config") or {}),
-                         packing=bool(raw.get("packing", FinetuneConfig.packing)))
+                         batching=raw.get("batching", FinetuneConfig.batching))
+    if cfg.batching not in BATCHING:
+        raise FinetuneError(f"{path}: batching must be one of {list(BATCHING)}, got {cfg.batching!r}")
     if cfg.peft_config.get("peft_type", "LORA") != "LORA":
         raise FinetuneError(f"{path}: only peft_type LORA is supported, got {cfg.peft_config['peft_type']}")
     return cfg
@@ -96,6 +101,15 @@ def encode_split(tokenizer, convs: list[list[dict]], cfg: FinetuneConfig, name: 
         print(f"train: {name}: {n_prompt} prompt(s) longer than max_input_length={cfg.max_input_length} kept their "
               f"last tokens; {n_reply} repl(y/ies) cut at max_output_length={cfg.max_output_length}", file=sys.stderr)
     return rows
+
+
+def length_grouping_args() -> dict:
+    """TrainingArguments for length-grouped batches (the key was renamed within transformers 5.x)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"group_by_length": True} if "group_by_length" in names else {"train_sampling_strategy": "group_by_length"}
 
 
 def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Path,
@@ -137,6 +151,8 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args.setdefault("bf16", use_bf16)
     args.setdefault("report_to", "none")
+    if cfg.batching == "grouped":
+        args.update(length_grouping_args())
     training_args = TrainingArguments(output_dir=str(out), **args)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
@@ -152,7 +168,7 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         peft_model.print_trainable_parameters()
 
     trainer = CountingTrainer(model=peft_model, args=training_args, train_dataset=train_rows,
-                              eval_dataset=val_rows or None, data_collator=make_collator(tokenizer, cfg.packing))
+                              eval_dataset=val_rows or None, data_collator=make_collator(tokenizer, cfg.batching == "packed"))
     last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     if resume and last is None and trainer.is_world_process_zero():
         print(f"train: --resume given but no checkpoint in {out}; starting fresh", file=sys.stderr)
@@ -165,7 +181,7 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         report["train_loss"] = result.training_loss
         report["global_step"] = result.global_step
         report["world_size"] = training_args.world_size
-        report["packing"] = cfg.packing
+        report["batching"] = cfg.batching
         report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
         report["log_history"] = trainer.state.log_history
         (out / "train_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
