@@ -121,3 +121,14 @@ def test_eval_cli_on_a_tiny_split(tiny_demo, tmp_path):
     for s in report["models"].values():
         assert s["examples"] == n_test < 50 and all(0 <= s[k] <= 100 for k in ("rouge_1", "rouge_l", "bleu_4"))
     assert "| ROUGE-1 |" in r.stdout
+    # the side-by-side file: each question with the reference and both models' answers, as the report scored them
+    rows = [json.loads(line) for line in (tmp_path / "eval_side_by_side.jsonl").read_text(encoding="utf-8").splitlines()]
+    test_rows = [json.loads(line)["conversations"] for line in
+                 (tiny_demo / "data" / "prepared" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["question"] for r in rows] == [c[-2]["content"] for c in test_rows]
+    assert [r["reference"] for r in rows] == [c[-1]["content"] for c in test_rows]
+    assert set(rows[0]) == {"question", "reference", "微调前", "微调后"}
+    assert [r["微调后"] for r in rows] == [a[str(tiny_demo / "merged")] for a in report["answers"]]
+    assert any(r["微调前"] != r["微调后"] for r in rows)
+    png = (tmp_path / "eval_scores.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

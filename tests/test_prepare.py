@@ -120,3 +120,76 @@ def test_cli_exit_codes(tmp_path):
     r = subprocess.run([str(BIN / "lawchat"), "prepare", str(good), str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "13 lines, 10 rows read, 4 kept, 0 repaired" in r.stderr and "masked_reply" in r.stderr
+
+
+def test_html_entities_and_whitespace_are_cleaned_and_near_duplicates_counted(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text(
+        "title,question,reply,is_best\n"
+        "加班费怎么算,,<p>工作日加班&nbsp;支付150%</p><br/>休息日  200%，法定节假日300%。,0\n"
+        "加班费怎么算,,\"工作日加班 支付150% 休息日 200% , 法定节假日300%\",0\n"   # the same words: near duplicate
+        "加班费怎么算,,\"<div>另一个回答</div>\",0\n"
+        "试用期多长,,不超过&lt;六个月&gt;。   \t ,1\n", encoding="utf-8")
+    report = prepare(src, tmp_path / "out", dev_ratio=0, test_ratio=0)
+    assert report.dropped == {"near_duplicate": 1} and report.kept == 3
+    replies = [ex["conversations"][1]["content"] for ex in all_examples(tmp_path / "out")]
+    assert replies == ["工作日加班 支付150%\n休息日 200%，法定节假日300%。", "另一个回答", "不超过<六个月>。"]
+
+
+@pytest.mark.parametrize("policy,kept", [
+    ("best-else-all", ["A1", "B1", "B2"]),      # A has a best reply: only it; B has none: all
+    ("best", ["A1"]),
+    ("best-else-first", ["A1", "B1"]),
+    ("all", ["A0", "A1", "B1", "B2"]),
+])
+def test_is_best_policies(tmp_path, policy, kept):
+    src = tmp_path / "in.csv"
+    src.write_text("title,question,reply,is_best\n问A,,A0,0\n问B,,B1,0\n问A,,A1,1\n问B,,B2,0\n", encoding="utf-8")
+    r = subprocess.run([str(BIN / "lawchat"), "prepare", str(src), str(tmp_path / "out"), "--is-best", policy,
+                        "--dev-ratio", "0", "--test-ratio", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = sorted(ex["conversations"][1]["content"] for ex in all_examples(tmp_path / "out"))
+    assert got == kept
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["kept"] + report["dropped"].get("not_best_reply", 0) == 4 and report["is_best_policy"] == policy
+
+
+def test_an_interrupted_run_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
+    import lawchat_trainer.prepare as prep
+    src = tmp_path / "in.csv"
+    src.write_text("title,question,reply,is_best\n" + "".join(f"问{i},,答{i},1\n" for i in range(50)),
+                   encoding="utf-8")
+    out = tmp_path / "out"
+    old = prepare(src, out, dev_ratio=0, test_ratio=0)             # a finished earlier run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"train.jsonl", "dev.jsonl", "test.jsonl", "prepare_report.json"}
+    assert "答49" in before["train.jsonl"].decode()
+    real, calls = prep.json.dumps, []
+
+    def dumps_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(prep.json, "dumps", dumps_then_interrupt)
+    src.write_text("title,question,reply,is_best\n" + "".join(f"新问{i},,新答{i},1\n" for i in range(50)),
+                   encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, dev_ratio=0, test_ratio=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # the earlier outputs, whole; no .part left
+    assert old.kept == 50
+
+
+def test_a_generated_lawzhidao_file_streams_through_with_every_row_accounted(tmp_path):
+    src = tmp_path / "big.csv"
+    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "make_lawzhidao_csv.py"),
+                        str(src), "--rows", "20000"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = prepare(src, tmp_path / "out")
+    assert report.rows_read == 20000
+    assert report.kept + sum(report.dropped.values()) == 20000
+    assert {"duplicate", "near_duplicate", "masked_reply", "empty_reply", "not_best_reply"} <= set(report.dropped)
+    assert sum(report.splits.values()) == report.kept and report.peak_rss_mb > 0
+    texts = [ex["conversations"][1]["content"] for ex in all_examples(tmp_path / "out")]
+    assert len(texts) == report.kept
+    assert not any("<p>" in t or "&nbsp;" in t or "\n\n\n" in t for t in texts)

@@ -15,7 +15,7 @@ DEFAULT_SERVER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "se
 def cmd_prepare(a) -> int:
     from .prepare import prepare, print_report
     report = prepare(a.csv, a.out_dir, dev_ratio=a.dev_ratio, test_ratio=a.test_ratio, seed=a.seed,
-                     keep_all_replies=a.keep_all_replies)
+                     keep_all_replies=a.keep_all_replies, is_best=a.is_best)
     print_report(report)
     return 0
 
@@ -40,7 +40,7 @@ def cmd_eval(a) -> int:
 
 def cmd_merge(a) -> int:
     from .merge import merge
-    print(merge(a.adapter_dir, a.out_dir, base=a.base, trust_remote_code=a.trust_remote_code))
+    print(merge(a.adapter_dir, a.out_dir, base=a.base, trust_remote_code=a.trust_remote_code, dtype=a.dtype))
     return 0
 
 
@@ -88,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dev-ratio", type=float, default=0.05)
     s.add_argument("--test-ratio", type=float, default=0.05)
     s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--keep-all-replies", action="store_true",
-                   help="keep non-best replies even when the title has a best one")
+    s.add_argument("--is-best", default="best-else-all",
+                   choices=["best-else-all", "best", "best-else-first", "all"],
+                   help="which replies of a question to keep: its best one if it has one, else all of them (default) "
+                        "/ best ones only / its best one, else its first / all")
+    s.add_argument("--keep-all-replies", action="store_true", help="the same as --is-best all")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="LoRA fine-tune (configs/lora.yaml keys)")
@@ -109,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--limit", type=int, default=None, help="first N examples only")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--output", default=None, help="write the report as JSON here")
+    s.add_argument("--output", default=None, help="write the report as JSON here, with NAME_side_by_side.jsonl (both models' "
+                   "answers) and NAME_scores.png (bar chart) next to it")
     add_trust_remote_code(s)
     s.set_defaults(func=cmd_eval)
 
@@ -117,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("adapter_dir", help="e.g. runs/lora/final or runs/lora/checkpoint-200")
     s.add_argument("out_dir")
     s.add_argument("--base", default=None, help="base model dir (default: the one recorded in the adapter)")
+    s.add_argument("--dtype", default="auto", help="dtype of the merged weights: auto (the base's), float32, "
+                   "bfloat16, float16; the merge itself runs in float32")
     add_trust_remote_code(s)
     s.set_defaults(func=cmd_merge)
 

@@ -71,10 +71,13 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", c
     if not convs:
         raise ValueError(f"{path} has no examples")
     prompts, refs = [c[:-1] for c in convs], [c[-1]["content"] for c in convs]
-    report = {"split": str(path), "models": {}}
+    report = {"split": str(path), "models": {}, "compare": str(compare) if compare is not None else None,
+              "answers": [{"question": p[-1]["content"], "reference": r} for p, r in zip(prompts, refs)]}
     for model in [m for m in (compare, model_dir) if m is not None]:
         hyps = generate_answers(Path(model), prompts, max_new_tokens, device, trust_remote_code)
         report["models"][str(model)] = asdict(score(hyps, refs))
+        for row, h in zip(report["answers"], hyps):
+            row[str(model)] = h
     return report
 
 
@@ -86,5 +89,43 @@ def print_report(report: dict, file=sys.stdout) -> None:
               file=file)
 
 
-def write_report(report: dict, out: Path) -> None:
+def write_report(report: dict, out: Path) -> list[Path]:
+    """out (JSON scores + answers), out_side_by_side.jsonl (question, reference, 微调前 / 微调后 answers) and
+    out_scores.png (a bar chart per metric and model); -> the paths written."""
     out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    side = out.with_name(out.stem + "_side_by_side.jsonl")
+    names = list(report["models"])
+    label = {n: n for n in names}
+    if report.get("compare") and len(names) == 2:     # the seed's wording: before / after fine-tuning
+        label = {names[0]: "微调前", names[1]: "微调后"}
+    with side.open("w", encoding="utf-8") as f:
+        for row in report["answers"]:
+            item = {"question": row["question"], "reference": row["reference"],
+                    **{label[n]: row.get(n, "") for n in names}}
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    chart = out.with_name(out.stem + "_scores.png")
+    write_score_chart(report, chart, label)
+    return [out, side, chart]
+
+
+def write_score_chart(report: dict, path: Path, label: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [("rouge_1", "ROUGE-1"), ("rouge_2", "ROUGE-2"), ("rouge_l", "ROUGE-L"), ("bleu_4", "BLEU-4")]
+    names = list(report["models"])
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
+    for i, name in enumerate(names):
+        xs = [m + (i - (len(names) - 1) / 2) * width for m in range(len(metrics))]
+        vals = [report["models"][name][k] for k, _ in metrics]
+        role = {"微调前": "before fine-tuning", "微调后": "after fine-tuning"}.get(label[name])   # no CJK font assumed
+        bars = ax.bar(xs, vals, width, label=f"{Path(name).name} ({role})" if role else Path(name).name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(metrics)), [t for _, t in metrics])
+    ax.set_ylabel("score (x100)")
+    ax.set_title(f"{report['models'][names[-1]]['examples']} examples of {Path(report['split']).name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

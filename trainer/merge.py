@@ -1,12 +1,20 @@
-"""merge: fold a PEFT LoRA adapter into its base model -> a standalone HF model dir (safetensors + tokenizer)."""
+"""merge: fold a PEFT LoRA adapter into its base model -> a standalone HF model dir (safetensors + tokenizer).
+
+The merge runs in float32 (W + B·A·scale without bf16 rounding) and the result is cast to the base's dtype,
+or to --dtype. Before saving, the merged model's logits are compared with base + adapter (unmerged, float32)
+on a few prompts: a merge that changed what the model computes fails loudly instead of shipping.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CHECK_TOLERANCE = 1e-3          # max |merged - unmerged| logit difference, relative to the logits' max magnitude
+
 
 class MergeError(Exception):
-    """Missing adapter or base model: reported with exit code 2."""
+    """Missing or mismatched adapter or base model, or a failed merge check: reported with exit code 2."""
 
 
 def resolve_base(adapter_dir: Path, base: str | Path | None) -> Path:
@@ -23,21 +31,66 @@ def resolve_base(adapter_dir: Path, base: str | Path | None) -> Path:
     return base
 
 
+def check_prompts(tokenizer, vocab_size: int) -> list[list[int]]:
+    """Two chat prompts through the template, and a random id sequence (covers tokens no prompt has)."""
+    import torch
+
+    from lawchat_server.prompt import encode_prompt
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}])
+               for q in ("劳动合同法第三十九条是怎么规定的？", "公司拖欠工资三个月了，我该怎么办？")]
+    g = torch.Generator().manual_seed(0)
+    prompts.append(torch.randint(0, vocab_size, (48,), generator=g).tolist())
+    return prompts
+
+
+def logits_of(model, prompts: list[list[int]]):
+    import torch
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([p]), use_cache=False).logits[0].float() for p in prompts]
+
+
 def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None,
-          trust_remote_code: bool = False) -> Path:
+          trust_remote_code: bool = False, dtype: str = "auto") -> Path:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base_dir = resolve_base(adapter_dir, base)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_src, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         raise MergeError(f"the tokenizer in {tokenizer_src} has no chat template; the server needs one")
+    base_cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    out_dtype = getattr(torch, dtype) if dtype != "auto" else (getattr(base_cfg, "dtype", None) or torch.float32)
+    if isinstance(out_dtype, str):
+        out_dtype = getattr(torch, out_dtype)
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError, KeyError) as e:   # size mismatch, target modules missing
+        raise MergeError(f"the adapter in {adapter_dir} does not fit the base model {base_dir} "
+                         f"({base_cfg.model_type}, hidden {getattr(base_cfg, 'hidden_size', '?')}): was it trained on "
+                         f"another base? {type(e).__name__}: {str(e)[:300]}") from None
+    peft_model.eval()
+    prompts = check_prompts(tokenizer, base_cfg.vocab_size)
+    want = logits_of(peft_model, prompts)                 # base + adapter, unmerged, float32
+    merged = peft_model.merge_and_unload()
+    got = logits_of(merged, prompts)
+    scale = max(float(w.abs().max()) for w in want)
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
+    if not diff <= CHECK_TOLERANCE * max(scale, 1.0):
+        raise MergeError(f"merge check failed: merged logits differ from base + adapter by {diff:.3g} "
+                         f"(logit scale {scale:.3g}); nothing was written")
+    merged = merged.to(out_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    (out_dir / "merge_report.json").write_text(json.dumps({
+        "adapter": str(adapter_dir), "base": str(base_dir), "dtype": str(out_dtype).removeprefix("torch."),
+        "check_prompts": len(prompts), "max_logit_diff_fp32": diff, "logit_scale": scale,
+        "tolerance": CHECK_TOLERANCE}, indent=2) + "\n", encoding="utf-8")
     return out_dir

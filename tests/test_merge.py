@@ -1,0 +1,42 @@
+"""lawchat merge: float32 merge with a logits check against base + adapter, dtype choice, mismatched bases refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import BIN
+from lawchat_trainer.merge import MergeError, merge
+
+
+def test_merge_writes_report_and_casts_to_the_chosen_dtype(tiny_demo, tmp_path):
+    out = merge(tiny_demo / "lora" / "final", tmp_path / "bf16", base=tiny_demo / "base", dtype="bfloat16")
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["max_logit_diff_fp32"] <= 1e-3 * report["logit_scale"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    auto = merge(tiny_demo / "lora" / "final", tmp_path / "auto", base=tiny_demo / "base")   # the base's dtype
+    assert json.loads((auto / "merge_report.json").read_text())["dtype"] == "float32"
+
+
+def test_a_merge_that_changes_the_model_fails_loudly(tiny_demo, tmp_path, monkeypatch):
+    from peft import PeftModel
+    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self, *a, **k: self.unload())   # adapter dropped
+    with pytest.raises(MergeError, match="merge check failed"):
+        merge(tiny_demo / "lora" / "final", tmp_path / "bad", base=tiny_demo / "base")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_adapter_on_another_base_is_refused(tiny_demo, tiny_model, tmp_path):
+    from lawchat_trainer.random_model import make_random_model
+    from test_train_fast import TINY
+    other = make_random_model(tmp_path / "other", tiny_model, TINY, "glm", dtype=torch.float32)
+    r = subprocess.run([str(BIN / "lawchat"), "merge", str(tiny_demo / "lora" / "final"), str(tmp_path / "out"),
+                        "--base", str(other)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "does not fit the base model" in r.stderr, r.stderr
+    r = subprocess.run([str(BIN / "lawchat"), "merge", str(tiny_demo / "lora" / "final"), str(tmp_path / "out"),
+                        "--dtype", "int8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--dtype must be one of" in r.stderr
