@@ -44,6 +44,12 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from .convert import convert
+    print(convert(a.src, a.dst))
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import SAMPLE_QUESTION, build_demo, sample_answer
     merged = build_demo(a.config, workdir=a.workdir)
@@ -126,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_remote_code(s)
     s.set_defaults(func=cmd_merge)
 
+    s = sub.add_parser("convert", help="a THUDM ChatGLM3 checkpoint -> a native GlmForCausalLM dir (no remote code)")
+    s.add_argument("src", help="ChatGLM3 dir: config.json (model_type chatglm), pytorch_model*.bin or safetensors, "
+                   "tokenizer.model")
+    s.add_argument("dst", help="new dir: safetensors shards, tokenizer.json with ChatGLM3's prompt format")
+    s.set_defaults(func=cmd_convert)
+
     s = sub.add_parser("demo", help="build the offline demo model (tiny GLM on PRC statutes), reusing finished steps")
     s.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG))
     s.add_argument("--workdir", default=None, help="default: the config's workdir")
@@ -153,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .convert import ConvertError
     from .finetune import FinetuneError
     from .merge import MergeError
     from .prepare import PrepareError
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PrepareError, FinetuneError, MergeError, FileNotFoundError, ValueError) as e:
+    except (PrepareError, FinetuneError, MergeError, ConvertError, FileNotFoundError, ValueError) as e:
         print(f"lawchat {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
