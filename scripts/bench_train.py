@@ -35,6 +35,9 @@ PROFILES = {
     "lora.yaml, lora_dropout 0": ("lora.yaml", {"peft_config": "dropout0"}, {}),
     "lora-24gb.yaml (bf16, grouped, ckpt, batch 8)": ("lora-24gb.yaml", {}, {}),
     "lora-24gb.yaml, batch 16": ("lora-24gb.yaml", {}, {"per_device_train_batch_size": 16}),
+    "lora.yaml, lora_dropout 0, torch_compile": ("lora.yaml", {"peft_config": "dropout0"}, {"torch_compile": True}),
+    "lora.yaml, lora_dropout 0, batch 24": ("lora.yaml", {"peft_config": "dropout0"},
+                                            {"per_device_train_batch_size": 24}),
 }
 
 
