@@ -154,3 +154,16 @@ def test_engine_rejects_when_queue_full(runner):
         for p in pending:
             p.cancel()
     asyncio.run(go())
+
+
+def test_generate_batch_waits_out_a_full_queue(runner):
+    """More prompts than the engine will queue (tiny KV cache, max_waiting=1): every one is still answered."""
+    from lawchat_server.engine.engine import generate_batch
+    engine = Engine(runner, EngineConfig(max_waiting=1, max_num_seqs=2, num_kv_blocks=8))
+    engine.start()
+    try:
+        ids = runner.encode_chat([{"role": "user", "content": "试用期多长？"}])
+        out = generate_batch(engine, [ids] * 12, 6, ignore_eos=True)
+    finally:
+        engine.stop()
+    assert [c.completion_tokens for c in out] == [6] * 12

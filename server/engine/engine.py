@@ -385,7 +385,13 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int
 
         async def one(ids: list[int], limit: int) -> Chunk:
             async with slots:
-                parts = [c async for c in engine.stream(GenerationRequest(ids, sampling, limit, ignore_eos=ignore_eos))]
+                while True:
+                    try:   # a full KV cache can hold sequences back until the wait queue refuses: retry then
+                        parts = [c async for c in engine.stream(GenerationRequest(ids, sampling, limit,
+                                                                                  ignore_eos=ignore_eos))]
+                        break
+                    except EngineOverloaded:
+                        await asyncio.sleep(0.05)
             last = parts[-1]
             return Chunk("".join(c.delta for c in parts), last.finish_reason, last.prompt_tokens,
                          last.completion_tokens, last.token_ids)
