@@ -3,7 +3,7 @@
 Questions get 1-4 replies (one best or none), with the mess real scrapes have: HTML tags and entities, runs of
 spaces, quoted newlines, exact and near-duplicate replies (spacing/punctuation only), masked and empty replies.
 
-    python scripts/make_lawzhidao_csv.py /tmp/lawzhidao_1m.csv --rows 1000000     # ~500 MB
+    python scripts/make_lawzhidao_csv.py /tmp/lawzhidao_1m.csv --rows 1000000     # ~1.2 GB
 """
 from __future__ import annotations
 
