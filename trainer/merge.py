@@ -28,6 +28,13 @@ def resolve_base(adapter_dir: Path, base: str | Path | None) -> Path:
     base = Path(base)
     if not (base / "config.json").is_file():
         raise MergeError(f"base model dir {base} not found (moved? pass --base)")
+    recorded = Path(json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path") or "")
+    if recorded != base and (recorded / "config.json").is_file():   # --base given and the training base still there
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        a, b = (json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (recorded, base))
+        diff = {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+        if diff:
+            raise MergeError(f"the adapter was trained on {recorded}, whose config differs from {base}: {diff}")
     return base
 
 
@@ -41,6 +48,28 @@ def check_prompts(tokenizer, vocab_size: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     prompts.append(torch.randint(0, vocab_size, (48,), generator=g).tolist())
     return prompts
+
+
+def check_adapter_loaded(peft_model, adapter_dir: Path, base_dir: Path) -> None:
+    """Every tensor of the adapter file is in the model with its shape and values: PEFT may skip tensors whose
+    shapes do not fit (another base model), which would make the merge a silent no-op."""
+    import torch
+    from safetensors import safe_open
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return                                  # an old .bin adapter: the logits check still runs
+    params = dict(peft_model.named_parameters())
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                                  ".lora_B.default.weight")
+            want = f.get_tensor(key)
+            got = params.get(name)
+            if got is None or got.shape != want.shape or not torch.equal(got.detach().to(want.dtype).cpu(), want):
+                shape = tuple(got.shape) if got is not None else "missing"
+                raise MergeError(f"the adapter in {adapter_dir} does not fit the base model {base_dir}: {key} is "
+                                 f"{tuple(want.shape)} in the adapter but {shape} in the model (trained on another "
+                                 "base?)")
 
 
 def logits_of(model, prompts: list[list[int]]):
@@ -75,6 +104,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None 
         raise MergeError(f"the adapter in {adapter_dir} does not fit the base model {base_dir} "
                          f"({base_cfg.model_type}, hidden {getattr(base_cfg, 'hidden_size', '?')}): was it trained on "
                          f"another base? {type(e).__name__}: {str(e)[:300]}") from None
+    check_adapter_loaded(peft_model, adapter_dir, base_dir)
     peft_model.eval()
     prompts = check_prompts(tokenizer, base_cfg.vocab_size)
     want = logits_of(peft_model, prompts)                 # base + adapter, unmerged, float32

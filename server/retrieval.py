@@ -1,0 +1,146 @@
+"""retrieval: find the statute articles that govern a question — one SQLite file, FTS5 over jieba tokens, BM25.
+
+`build_index` writes the index from laws.db (current articles by default) and, optionally, a user's own corpus
+(JSONL lines of {law, article, text}: a firm's templates, local regulations). `Retriever.search` ranks articles
+by BM25; with `expand` the query's everyday words also look for their statute words (legal_terms.py: 工资 →
+劳动报酬, 狗 → 饲养的动物 ...), because people do not ask in the statute's words.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+PRC = "中华人民共和国"
+
+
+@dataclass
+class Hit:
+    law: str          # short name, e.g. 劳动合同法
+    article: str      # 第三十条
+    score: float      # higher is better (negated BM25)
+    text: str
+
+
+def _jieba():
+    import jieba
+    jieba.setLogLevel(60)
+    return jieba
+
+
+def index_tokens(text: str) -> str:
+    """Space-joined search-mode jieba tokens (FTS5's unicode61 then splits on the spaces)."""
+    return " ".join(t for t in _jieba().cut_for_search(text) if t.strip() and (t.isalnum() or len(t) > 1))
+
+
+def short_law_name(name: str) -> str:
+    return name[len(PRC):] if name.startswith(PRC) else name
+
+
+def build_index(out: str | Path, laws_db: str | Path | None = None, corpus: str | Path | None = None,
+                current_only: bool = True) -> dict:
+    """-> the index's meta (sources, counts). The file is written to a temporary name and renamed when done."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".part")
+    tmp.unlink(missing_ok=True)
+    rows: list[tuple[str, str, str, str]] = []          # (law, article, text, source)
+    sources = []
+    if laws_db is not None:
+        laws_db = Path(laws_db)
+        con = sqlite3.connect(f"file:{laws_db}?mode=ro", uri=True)
+        try:
+            where = "WHERE status = '现行有效' AND article_text IS NOT NULL" if current_only else \
+                "WHERE article_text IS NOT NULL"
+            for law_name, no, text in con.execute(f"SELECT law_name, article_no, article_text FROM articles {where} "
+                                                  "ORDER BY law_id, id"):
+                if text and text.strip() and no:
+                    rows.append((short_law_name(law_name), no, text.strip(), "laws.db"))
+        finally:
+            con.close()
+        sources.append({"source": str(laws_db), "sha256": hashlib.sha256(laws_db.read_bytes()).hexdigest()[:16],
+                        "current_only": current_only})
+    if corpus is not None:
+        corpus = Path(corpus)
+        n = 0
+        for lineno, line in enumerate(corpus.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                law, article, text = str(item["law"]).strip(), str(item["article"]).strip(), str(item["text"]).strip()
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{corpus}:{lineno}: expected a JSON object with law, article, text ({e})") from None
+            if not (law and article and text):
+                raise ValueError(f"{corpus}:{lineno}: law, article and text must not be empty")
+            rows.append((law, article, text, corpus.name))
+            n += 1
+        sources.append({"source": str(corpus), "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()[:16],
+                        "articles": n})
+    if not rows:
+        raise ValueError("nothing to index: give laws.db and/or a corpus with articles")
+    t0 = time.perf_counter()
+    con = sqlite3.connect(tmp)
+    try:
+        con.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+            CREATE TABLE articles (id INTEGER PRIMARY KEY, law TEXT, article TEXT, text TEXT, source TEXT);
+            CREATE VIRTUAL TABLE articles_fts USING fts5(law_tokens, tokens, tokenize = 'unicode61');
+        """)
+        for i, (law, article, text, source) in enumerate(rows, 1):
+            con.execute("INSERT INTO articles VALUES (?, ?, ?, ?, ?)", (i, law, article, text, source))
+            con.execute("INSERT INTO articles_fts (rowid, law_tokens, tokens) VALUES (?, ?, ?)",
+                        (i, index_tokens(law), index_tokens(text)))
+        import jieba
+        meta = {"schema": SCHEMA_VERSION, "articles": len(rows), "sources": sources, "jieba": jieba.__version__,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.perf_counter() - t0, 1)}
+        con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v, ensure_ascii=False)) for k, v in meta.items()])
+        con.commit()
+    finally:
+        con.close()
+    tmp.replace(out)
+    return meta
+
+
+def fts_query(terms: list[tuple[str, float]]) -> str:
+    """An FTS5 OR-query of quoted terms (quotes doubled), duplicates dropped."""
+    seen, parts = set(), []
+    for term, _ in terms:
+        if term not in seen:
+            seen.add(term)
+            parts.append('"' + term.replace('"', '""') + '"')
+    return " OR ".join(parts)
+
+
+class Retriever:
+    def __init__(self, index_path: str | Path):
+        self.path = Path(index_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no retrieval index at {self.path}; build one with `lawchat index`")
+        self.con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{self.path} is not a lawchat retrieval index ({e})") from None
+        if self.meta.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: index schema {self.meta.get('schema')}, expected {SCHEMA_VERSION}; rebuild")
+
+    def query_terms(self, question: str, expand: bool) -> list[tuple[str, float]]:
+        terms = [(t, 1.0) for t in index_tokens(question).split()]
+        if expand:
+            from .legal_terms import expand_terms
+            terms += expand_terms(question)
+        return terms
+
+    def search(self, question: str, k: int = 5, expand: bool = True) -> list[Hit]:
+        terms = self.query_terms(question, expand)
+        if not terms:
+            return []
+        rows = self.con.execute(
+            "SELECT a.law, a.article, bm25(articles_fts, 2.0, 1.0) AS s, a.text FROM articles_fts "
+            "JOIN articles a ON a.id = articles_fts.rowid WHERE articles_fts MATCH ? ORDER BY s LIMIT ?",
+            (fts_query(terms), k)).fetchall()
+        return [Hit(law, article, round(-s, 4), text) for law, article, s, text in rows]
