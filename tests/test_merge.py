@@ -51,3 +51,19 @@ def test_adapter_on_another_base_is_refused(tiny_demo, tiny_model, tmp_path):
     r = subprocess.run([str(BIN / "lawchat"), "merge", str(tiny_demo / "lora" / "final"), str(tmp_path / "out"),
                         "--dtype", "int8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--dtype must be one of" in r.stderr
+
+
+def test_adapter_tensors_that_peft_would_skip_are_an_error(tiny_demo, tmp_path):
+    """A tensor named for a module the base lacks loads with only a warning in PEFT: the merge would drop it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    moved = tmp_path / "adapter"
+    shutil.copytree(tiny_demo / "lora" / "final", moved)
+    tensors = load_file(str(moved / "adapter_model.safetensors"))
+    renamed = {k.replace("layers.0.", "layers.9."): v for k, v in tensors.items()}
+    assert renamed != tensors
+    save_file(renamed, str(moved / "adapter_model.safetensors"))
+    with pytest.raises(MergeError, match=r"layers\.9\..* in the adapter but missing in the model"):
+        merge(moved, tmp_path / "out", base=tiny_demo / "base")
+    assert not (tmp_path / "out").exists()
