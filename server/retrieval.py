@@ -1,6 +1,6 @@
 """retrieval: find the statute articles that govern a question — one SQLite file, FTS5 over jieba tokens, BM25.
 
-`build_index` writes the index from laws.db (current articles by default) and, optionally, a user's own corpus
+`build_index` writes the index from laws.db (articles in force by default) and, optionally, a user's own corpus
 (JSONL lines of {law, article, text}: a firm's templates, local regulations). `Retriever.search` ranks articles
 by BM25; with `expand` the query's everyday words also look for their statute words (legal_terms.py: 工资 →
 劳动报酬, 狗 → 饲养的动物 ...), because people do not ask in the statute's words.
@@ -53,7 +53,8 @@ def build_index(out: str | Path, laws_db: str | Path | None = None, corpus: str 
         laws_db = Path(laws_db)
         con = sqlite3.connect(f"file:{laws_db}?mode=ro", uri=True)
         try:
-            where = "WHERE status = '现行有效' AND article_text IS NOT NULL" if current_only else \
+            # in force: 现行有效, and 已被修改 ("amended", still in force: laws.db files the Criminal Law so)
+            where = "WHERE status IN ('现行有效', '已被修改') AND article_text IS NOT NULL" if current_only else \
                 "WHERE article_text IS NOT NULL"
             for law_name, no, text in con.execute(f"SELECT law_name, article_no, article_text FROM articles {where} "
                                                   "ORDER BY law_id, id"):

@@ -21,6 +21,8 @@ ARTICLES = [  # (law_name, article_no, status, text)
     ("中华人民共和国道路交通安全法", "第九十一条", "现行有效", "醉酒驾驶机动车的，由公安机关交通管理部门约束至酒醒，吊销机动车驾驶证。"),
     ("中华人民共和国公司法", "第三条", "现行有效", "公司是企业法人，有独立的法人财产，享有法人财产权。"),
     ("中华人民共和国劳动法", "第五十条", "已废止", "工资应当以货币形式按月支付给劳动者本人。不得克扣或者无故拖欠劳动者的工资。"),
+    ("中华人民共和国刑法", "第二百六十四条", "已被修改", "盗窃公私财物，数额较大的，或者多次盗窃、入户盗窃、携带凶器盗窃、"
+     "扒窃的，处三年以下有期徒刑、拘役或者管制，并处或者单处罚金。"),       # amended, still in force
 ]
 
 
@@ -47,7 +49,8 @@ def test_index_keeps_current_articles_and_the_users_corpus(laws_db, tmp_path):
                         "--corpus", str(corpus)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     ret = Retriever(tmp_path / "idx.sqlite")
-    assert ret.meta["articles"] == 6                        # 5 current + 1 of the firm; the repealed one left out
+    assert ret.meta["articles"] == 7          # 5 current + 1 amended (in force) + 1 of the firm; the repealed one out
+    assert [(h.law, h.article) for h in ret.search("偷东西", 1)] == [("刑法", "第二百六十四条")]
     assert [s["source"] for s in ret.meta["sources"]] == [str(laws_db), str(corpus)]
     hits = [(h.law, h.article) for h in ret.search("工资拖欠", 10, expand=False)]
     assert ("劳动合同法", "第三十条") in hits and ("劳动法", "第五十条") not in hits      # the repealed one is not indexed
