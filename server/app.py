@@ -26,6 +26,7 @@ from .engine.model_runner import load_runner
 from .engine_slot import EngineSlot
 from .limiter import Limiter
 from .metrics import Metrics
+from .retrieval import Retriever
 
 log = logging.getLogger("lawchat.server")
 
@@ -63,7 +64,8 @@ def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
     server = grpc.aio.server(interceptors=[AuthInterceptor(keys)],
                              options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", transport_cap)])
     health_servicer = health.aio.HealthServicer()
-    chat = ChatService(slot, cfg, metrics, limiter, breaker, keys)
+    retriever = Retriever(cfg.retrieval.index) if cfg.retrieval.index else None
+    chat = ChatService(slot, cfg, metrics, limiter, breaker, keys, retriever)
 
     async def on_drain():
         slot.draining = True

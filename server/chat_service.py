@@ -25,8 +25,9 @@ from .engine.engine import (EOS, MAX_TOKENS, STOP_SEQUENCE, Chunk, EngineClosed,
 from .engine_slot import EngineSlot
 from .limiter import Limiter
 from .metrics import Metrics
-from .prompt import PromptError
+from .prompt import PromptError, with_context
 from .params import InvalidRequest, parse_messages, parse_sampling, parse_stopping
+from .retrieval import MAX_TOP_K, Hit, Retriever
 
 log = logging.getLogger("lawchat.rpc")
 
@@ -40,6 +41,7 @@ FINISH_REASONS = {
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 QUEUE_RETRY_AFTER_MS = 1000     # the engine's wait queue is full: no bucket to compute from
 DEADLINE_SLACK_S = 0.1
+SNIPPET_CHARS = 300
 
 
 class Refused(Exception):
@@ -61,31 +63,55 @@ def usage_of(chunk: Chunk) -> chat_pb2.Usage:
     return chat_pb2.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
 
 
+def citations_of(hits: list[Hit]) -> list[chat_pb2.Citation]:
+    return [chat_pb2.Citation(law=h.law, article=h.article, snippet=h.text[:SNIPPET_CHARS], score=h.score)
+            for h in hits]
+
+
 class ChatService(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, slot: EngineSlot, cfg: ServerConfig, metrics: Metrics, limiter: Limiter, breaker: Breaker,
-                 keys: KeyStore):
+                 keys: KeyStore, retriever: Retriever | None = None):
         self.slot, self.cfg, self.metrics = slot, cfg, metrics
         self.defaults = cfg.generation
         self.limiter, self.breaker, self.keys = limiter, breaker, keys
+        self.retriever = retriever
         self.stopping = False        # set by the app at shutdown: an engine closing then is not a failure
 
     async def ChatStream(self, request, context) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
-        async for chunk, degraded in self._generate("ChatStream", request, context):
+        async for chunk, degraded, hits in self._generate("ChatStream", request, context):
             if chunk.finish_reason is None:
                 yield chat_pb2.ChatStreamResponse(delta=chunk.delta, degraded=degraded)
             else:
                 yield chat_pb2.ChatStreamResponse(delta=chunk.delta, finish_reason=FINISH_REASONS[chunk.finish_reason],
-                                                  usage=usage_of(chunk), degraded=degraded)
+                                                  usage=usage_of(chunk), degraded=degraded,
+                                                  citations=citations_of(hits))
 
     async def Chat(self, request, context) -> chat_pb2.ChatResponse:
-        parts, last, degraded = [], None, False
-        async for chunk, degraded in self._generate("Chat", request, context):
+        parts, last, degraded, hits = [], None, False, []
+        async for chunk, degraded, hits in self._generate("Chat", request, context):
             parts.append(chunk.delta)
             last = chunk
         return chat_pb2.ChatResponse(text="".join(parts), finish_reason=FINISH_REASONS[last.finish_reason],
-                                     usage=usage_of(last), degraded=degraded)
+                                     usage=usage_of(last), degraded=degraded, citations=citations_of(hits))
 
-    def _build_request(self, engine, messages, sampling, max_new, stops, ignore_eos) -> GenerationRequest:
+    def _retrieval_of(self, request) -> int:
+        """How many articles this request wants (0 = no retrieval); INVALID_ARGUMENT / FAILED_PRECONDITION."""
+        r, cfg = request.retrieval, self.cfg.retrieval
+        enabled = r.enabled if r.HasField("enabled") else cfg.default_enabled
+        top_k = r.top_k if r.HasField("top_k") else cfg.top_k
+        if not enabled:
+            return 0
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"retrieval.top_k must be in [1, {MAX_TOP_K}], got {top_k}")
+        if self.retriever is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          "retrieval is not configured on this server (retrieval.index in its config)")
+        return top_k
+
+    def _build_request(self, engine, hits, messages, sampling, max_new, stops, ignore_eos) -> GenerationRequest:
+        if hits:
+            messages = with_context(messages, [(h.heading, h.text) for h in hits], engine.tokenizer,
+                                    self.cfg.retrieval.max_context_tokens)
         try:
             prompt_ids = engine.encode_chat(messages)
         except PromptError as e:
@@ -104,6 +130,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         parsed = (parse_messages(request, self.defaults), parse_sampling(request, self.defaults),
                   *parse_stopping(request, self.defaults), request.stopping.ignore_eos)
+        top_k = self._retrieval_of(request)
         client = client_id(context, self.keys)
         decision = self.limiter.admit(client)
         if not decision.admitted:
@@ -112,33 +139,39 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"rate limit ({decision.reason}) reached; retry in {ms} ms", ms)
         self.metrics.admitted.inc()
-        return client, parsed
+        return client, parsed, top_k
 
-    async def _canned(self, reason: str) -> AsyncIterator[Chunk]:
+    async def _canned(self, reason: str, hits: list[Hit]) -> AsyncIterator[Chunk]:
+        """The canned answer, then the retrieved articles verbatim: retrieval needs no model."""
         self.metrics.degraded.labels(reason).inc()
-        deltas = canned_deltas(self.cfg.degraded.message)
+        text = self.cfg.degraded.message
+        if hits:
+            text += "\n\n以下法条可能与您的问题有关（原文，供参考）：\n" + "\n".join(f"{h.heading}：{h.text}" for h in hits)
+        deltas = canned_deltas(text)
         for d in deltas[:-1]:
             yield Chunk(d)
         yield Chunk(deltas[-1], DEGRADED)
 
-    async def _generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool]]:
+    async def _generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool, list[Hit]]]:
         rid = request_id_of(context)
         await context.send_initial_metadata((("x-request-id", rid),))
         m, breaker = self.metrics, self.breaker
         t0 = time.perf_counter()
         t_last = ttft = ticket = None
-        code, last, degraded = "OK", None, False
+        code, last, degraded, hits = "OK", None, False, []
         with self.slot.request():
             try:
                 try:
-                    client, parsed = self._admit(request, context)
+                    client, parsed, top_k = self._admit(request, context)
+                    if top_k:
+                        hits = await asyncio.to_thread(self.retriever.search, parsed[0][-1]["content"], top_k)
                     with self.slot.lease() as engine:
                         verdict = breaker.admit()
                         if isinstance(verdict, str):       # breaker open or switch on: no model, the canned answer
-                            degraded, stream = True, self._canned(verdict)
+                            degraded, stream = True, self._canned(verdict, hits)
                         else:
                             ticket = verdict
-                            gen_request = await asyncio.to_thread(self._build_request, engine, *parsed)  # CPU work
+                            gen_request = await asyncio.to_thread(self._build_request, engine, hits, *parsed)
                             stream = engine.stream(gen_request, self.cfg.breaker.stall_seconds)
                         charged = 0
                         async for chunk in stream:
@@ -152,7 +185,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                             if chunk.completion_tokens > charged:
                                 self.limiter.charge_tokens(client, chunk.completion_tokens - charged)
                                 charged = chunk.completion_tokens
-                            yield chunk, degraded
+                            yield chunk, degraded, hits if chunk.finish_reason is not None else []
                     if ticket is not None:
                         breaker.success(ticket)
                 except (Refused, InvalidRequest, EngineOverloaded) as e:

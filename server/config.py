@@ -1,7 +1,8 @@
 """config: server settings from configs/server.yaml, overridden by `lawchat serve` flags, validated at start.
 
 Each section is the dataclass of the module it configures (defaults written once, there): generation →
-params, engine → engine/config, limits → limiter, breaker → breaker, degraded → degraded, auth and tls → auth.
+params, engine → engine/config, limits → limiter, breaker → breaker, degraded → degraded, auth and tls → auth,
+retrieval → retrieval.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .degraded import DegradedConfig
 from .engine.config import EngineConfig
 from .limiter import LimitsConfig
 from .params import GenerationDefaults
+from .retrieval import RetrievalConfig
 
 
 @dataclass
@@ -39,9 +41,11 @@ class ServerConfig:
     degraded: DegradedConfig = field(default_factory=DegradedConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def validate(self) -> None:
-        for section in (self.generation, self.engine, self.limits, self.breaker, self.degraded, self.tls):
+        for section in (self.generation, self.engine, self.limits, self.breaker, self.degraded, self.tls,
+                        self.retrieval):
             section.validate()
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("port and metrics_port must be in [0, 65535]")

@@ -40,3 +40,35 @@ def encode_training_example(tokenizer, conv: list[dict], max_input_length: int,
     return ({"input_ids": prompt_ids + reply_ids,
              "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids},
             prompt_truncated, reply_truncated)
+
+
+def with_context(messages: list[dict], articles: list[tuple[str, str]], tokenizer, max_tokens: int) -> list[dict]:
+    """The conversation with statute articles ((heading, text) pairs, best first) put before the last user turn's
+    question, as many as fit in `max_tokens` tokens of the block (the last one cut to fit). The same wording is
+    used when training with context and when serving."""
+    def size(lines: list[str]) -> int:
+        return len(tokenizer.encode(CONTEXT_HEADER + "\n".join(lines), add_special_tokens=False))
+
+    lines: list[str] = []
+    for heading, text in articles if max_tokens > 0 else ():
+        line = f"{heading}：{text}"
+        if size(lines + [line]) <= max_tokens:
+            lines.append(line)
+            continue
+        ids = tokenizer.encode(line, add_special_tokens=False)
+        lo, hi = 0, len(ids)                 # the longest head of this article that still fits, marked "……"
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            cut = tokenizer.decode(ids[:mid], skip_special_tokens=True).rstrip("\ufffd") + "……"
+            lo, hi = (mid, hi) if size(lines + [cut]) <= max_tokens else (lo, mid - 1)
+        if lo > 16:                          # a useful part of the article
+            lines.append(tokenizer.decode(ids[:lo], skip_special_tokens=True).rstrip("\ufffd") + "……")
+        break
+    if not lines:
+        return messages
+    last = messages[-1]
+    block = CONTEXT_HEADER + "\n".join(lines)
+    return messages[:-1] + [{"role": last["role"], "content": f"{block}\n\n问题：{last['content']}"}]
+
+
+CONTEXT_HEADER = "参考法条：\n"

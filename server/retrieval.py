@@ -10,12 +10,30 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 1
 PRC = "中华人民共和国"
+MAX_TOP_K = 10
+
+
+@dataclass
+class RetrievalConfig:
+    index: str | None = None          # a file made by `lawchat index`; null = retrieval off
+    default_enabled: bool = False     # for requests that leave retrieval.enabled unset
+    top_k: int = 3                    # articles per request when the request does not say
+    max_context_tokens: int = 512     # prompt tokens the articles may take (the last one is cut to fit)
+
+    def validate(self) -> None:
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"retrieval.top_k must be in [1, {MAX_TOP_K}], got {self.top_k}")
+        if self.max_context_tokens < 0:
+            raise ValueError("retrieval.max_context_tokens must be >= 0")
+        if self.index is not None and not Path(self.index).is_file():
+            raise ValueError(f"retrieval.index: no such file: {self.index} (build it with `lawchat index`)")
 
 
 @dataclass
@@ -24,6 +42,10 @@ class Hit:
     article: str      # 第三十条
     score: float      # higher is better (negated BM25)
     text: str
+
+    @property
+    def heading(self) -> str:
+        return f"《{self.law}》{self.article}"
 
 
 def _jieba():
@@ -121,13 +143,20 @@ class Retriever:
         self.path = Path(index_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no retrieval index at {self.path}; build one with `lawchat index`")
-        self.con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self._local = threading.local()          # one read-only connection per thread (servers search from many)
         try:
             self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
             raise ValueError(f"{self.path} is not a lawchat retrieval index ({e})") from None
         if self.meta.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"{self.path}: index schema {self.meta.get('schema')}, expected {SCHEMA_VERSION}; rebuild")
+
+    @property
+    def con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        return con
 
     def query_terms(self, question: str, expand: bool) -> list[tuple[str, float]]:
         terms = [(t, 1.0) for t in index_tokens(question).split()]

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
     c.add_argument("--no-stream", action="store_true", help="use the unary Chat RPC")
     c.add_argument("--usage", action="store_true", help="print finish reason and token usage to stderr")
+    c.add_argument("--cite", action="store_true", help="ask for statute retrieval and print the cited articles")
     sub.add_parser("status", help="print the server status as JSON")
     d = sub.add_parser("degraded", help="turn the degraded switch on or off (canned answers for everyone)")
     d.add_argument("state", choices=["on", "off"])
@@ -85,11 +86,12 @@ def chat(client: LawchatClient, a) -> None:
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
         [{"role": "user", "content": a.question}]
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-              seed=a.seed, stop=a.stop)
+              seed=a.seed, stop=a.stop, retrieval=True if a.cite else None)
     if a.no_stream:
         r = client.chat(messages, **kw)
         print(r.text)
         finish, prompt, completion, degraded = r.finish_reason, r.prompt_tokens, r.completion_tokens, r.degraded
+        citations = r.citations
     else:
         stream = client.chat_stream(messages, **kw)
         for delta in stream:
@@ -98,6 +100,11 @@ def chat(client: LawchatClient, a) -> None:
         sys.stdout.write("\n")
         finish, prompt, completion, degraded = (stream.finish_reason, stream.prompt_tokens, stream.completion_tokens,
                                                 stream.degraded)
+        citations = stream.citations
+    if a.cite:
+        print("\n引用法条：" if citations else "\n(no articles were cited)")
+        for i, c in enumerate(citations, 1):
+            print(f"[{i}] 《{c['law']}》{c['article']}：{c['snippet']}")
     if degraded:
         print("[degraded: the server's canned answer, not the model's]", file=sys.stderr)
     if a.usage:

@@ -38,6 +38,7 @@ class ChatResult:
     completion_tokens: int
     request_id: str | None = None
     degraded: bool = False          # the server's canned answer (model unavailable or switched off)
+    citations: list[dict] | None = None   # statute articles the answer rests on: {law, article, snippet, score}
 
 
 def to_messages(messages: Messages) -> list[chat_pb2.Message]:
@@ -49,6 +50,10 @@ def to_messages(messages: Messages) -> list[chat_pb2.Message]:
         role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
         out.append(chat_pb2.Message(role=role, content=content))
     return out
+
+
+def citations_of(citations) -> list[dict]:
+    return [{"law": c.law, "article": c.article, "snippet": c.snippet, "score": c.score} for c in citations]
 
 
 def _error(err: grpc.RpcError) -> LawchatError:
@@ -68,6 +73,7 @@ class ChatStream:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.degraded = False            # True when the text is the server's canned answer
+        self.citations: list[dict] = []  # {law, article, snippet, score}, set with the last message
 
     @property
     def request_id(self) -> str | None:
@@ -83,6 +89,7 @@ class ChatStream:
                     self.finish_reason = FINISH_REASONS.get(msg.finish_reason, "unknown")
                     self.prompt_tokens = msg.usage.prompt_tokens
                     self.completion_tokens = msg.usage.completion_tokens
+                    self.citations = citations_of(msg.citations)
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -140,7 +147,7 @@ class LawchatClient:
 
     @staticmethod
     def _request(message_type, messages: Messages, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                 ignore_eos=False):
+                 ignore_eos=False, retrieval=None, retrieval_top_k=None):
         sampling = chat_pb2.SamplingParameters()
         if temperature is not None:
             sampling.temperature = temperature
@@ -153,23 +160,31 @@ class LawchatClient:
         stopping = chat_pb2.StoppingCriteria(stop_sequences=list(stop or ()), ignore_eos=ignore_eos)
         if max_new_tokens is not None:
             stopping.max_new_tokens = max_new_tokens
-        return message_type(messages=to_messages(messages), sampling=sampling, stopping=stopping)
+        options = chat_pb2.RetrievalOptions()
+        if retrieval is not None:
+            options.enabled = retrieval
+        if retrieval_top_k is not None:
+            options.top_k = retrieval_top_k
+        return message_type(messages=to_messages(messages), sampling=sampling, stopping=stopping, retrieval=options)
 
     def chat_stream(self, messages: Messages, *, max_new_tokens: int | None = None, temperature: float | None = None,
                     top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                     stop: Sequence[str] | None = None, request_id: str | None = None,
-                    timeout: float | None = None, ignore_eos: bool = False) -> ChatStream:
+                    timeout: float | None = None, ignore_eos: bool = False, retrieval: bool | None = None,
+                    retrieval_top_k: int | None = None) -> ChatStream:
+        """retrieval=True: statute articles go into the prompt and come back in `stream.citations`."""
         req = self._request(chat_pb2.ChatStreamRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                            ignore_eos)
+                            ignore_eos, retrieval, retrieval_top_k)
         call = self._chat.ChatStream(req, timeout=timeout or self.timeout, metadata=self._metadata(request_id))
         return ChatStream(call)
 
     def chat(self, messages: Messages, *, max_new_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
              stop: Sequence[str] | None = None, request_id: str | None = None,
-             timeout: float | None = None, ignore_eos: bool = False) -> ChatResult:
+             timeout: float | None = None, ignore_eos: bool = False, retrieval: bool | None = None,
+             retrieval_top_k: int | None = None) -> ChatResult:
         req = self._request(chat_pb2.ChatRequest, messages, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                            ignore_eos)
+                            ignore_eos, retrieval, retrieval_top_k)
         try:
             resp, call = self._chat.Chat.with_call(req, timeout=timeout or self.timeout,
                                                    metadata=self._metadata(request_id))
@@ -177,7 +192,7 @@ class LawchatClient:
             raise _error(e) from None
         return ChatResult(resp.text, FINISH_REASONS.get(resp.finish_reason, "unknown"), resp.usage.prompt_tokens,
                           resp.usage.completion_tokens, dict(call.initial_metadata() or ()).get("x-request-id"),
-                          resp.degraded)
+                          resp.degraded, citations_of(resp.citations))
 
     # -- AdminService (needs a key with the admin scope when the server has auth on) -------------------
     def _admin_call(self, method: str, request, timeout: float | None):
