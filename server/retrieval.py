@@ -159,11 +159,12 @@ class Retriever:
         return con
 
     def query_terms(self, question: str, expand: bool) -> list[tuple[str, float]]:
-        terms = [(t, 1.0) for t in index_tokens(question).split()]
-        if expand:
-            from .legal_terms import expand_terms
-            terms += expand_terms(question)
-        return terms
+        from .legal_terms import STOPWORDS, expand_terms, replaced_words
+        words = index_tokens(question).split()
+        if not expand:
+            return [(t, 1.0) for t in words]
+        drop = STOPWORDS | replaced_words(question)     # question words, and everyday words that have statute words
+        return [(t, 1.0) for t in words if t not in drop] + expand_terms(question)
 
     def search(self, question: str, k: int = 5, expand: bool = True) -> list[Hit]:
         terms = self.query_terms(question, expand)
