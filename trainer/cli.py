@@ -15,7 +15,8 @@ DEFAULT_SERVER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "se
 def cmd_prepare(a) -> int:
     from .prepare import prepare, print_report
     report = prepare(a.csv, a.out_dir, dev_ratio=a.dev_ratio, test_ratio=a.test_ratio, seed=a.seed,
-                     keep_all_replies=a.keep_all_replies, is_best=a.is_best)
+                     keep_all_replies=a.keep_all_replies, is_best=a.is_best, with_context=a.with_context,
+                     context_k=a.context_k)
     print_report(report)
     return 0
 
@@ -31,7 +32,8 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     from .evaluate import evaluate, print_report, write_report
     report = evaluate(a.model_dir, a.data_dir, split=a.split, compare=a.compare, max_new_tokens=a.max_new_tokens,
-                      limit=a.limit, device=a.device, trust_remote_code=a.trust_remote_code)
+                      limit=a.limit, device=a.device, trust_remote_code=a.trust_remote_code, retrieval=a.retrieval,
+                      retrieval_k=a.retrieval_k)
     print_report(report)
     if a.output:
         write_report(report, Path(a.output))
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which replies of a question to keep: its best one if it has one, else all of them (default) "
                         "/ best ones only / its best one, else its first / all")
     s.add_argument("--keep-all-replies", action="store_true", help="the same as --is-best all")
+    s.add_argument("--with-context", default=None, metavar="INDEX",
+                   help="a `lawchat index` file: train/dev prompts get the best-matching articles before the question")
+    s.add_argument("--context-k", type=int, default=3, help="articles per prompt with --with-context")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="LoRA fine-tune (configs/lora.yaml keys)")
@@ -142,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--limit", type=int, default=None, help="first N examples only")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--retrieval", default=None, metavar="INDEX",
+                   help="a `lawchat index` file: also score each model with the retrieved articles in the prompt")
+    s.add_argument("--retrieval-k", type=int, default=3)
     s.add_argument("--output", default=None, help="write the report as JSON here, with NAME_side_by_side.jsonl (both models' "
                    "answers) and NAME_scores.png (bar chart) next to it")
     add_trust_remote_code(s)

@@ -6,6 +6,7 @@ the same questions so the fine-tune's effect is one table.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,21 @@ class Scores:
     rouge_2: float
     rouge_l: float
     bleu_4: float
+    cites_governing: float | None = None   # % of answers naming an article their reference names (None: no refs cite)
+
+
+CITE = re.compile(r"《([^》]{1,40})》\s*(第[零〇一二三四五六七八九十百千\d]+条)")
+
+
+def cited(text: str) -> set[tuple[str, str]]:
+    """(law, 第…条) pairs named in a text as 《law》第…条; the law without 中华人民共和国."""
+    return {(law.removeprefix("中华人民共和国"), no) for law, no in CITE.findall(text)}
+
+
+def cite_share(hypotheses: list[str], references: list[str]) -> float | None:
+    pairs = [(cited(h), cited(r)) for h, r in zip(hypotheses, references)]
+    scored = [bool(h & r) for h, r in pairs if r]
+    return round(100 * sum(scored) / len(scored), 2) if scored else None
 
 
 def score(hypotheses: list[str], references: list[str]) -> Scores:
@@ -40,16 +56,22 @@ def score(hypotheses: list[str], references: list[str]) -> Scores:
                 totals[k] += s[k]["f"]
             totals["bleu"] += sentence_bleu([r], h, smoothing_function=smooth)
     n = max(1, len(references))
-    return Scores(len(references), *(round(100 * totals[k] / n, 2) for k in ("rouge-1", "rouge-2", "rouge-l", "bleu")))
+    return Scores(len(references), *(round(100 * totals[k] / n, 2) for k in ("rouge-1", "rouge-2", "rouge-l", "bleu")),
+                  cite_share(hypotheses, references))
 
 
 def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: int, device: str,
-                     trust_remote_code: bool = False) -> list[str]:
-    """Greedy answers through the serving engine (batched): eval scores exactly what `lawchat serve` answers."""
+                     trust_remote_code: bool = False, contexts: list[list[tuple[str, str]]] | None = None,
+                     max_context_tokens: int = 512) -> list[str]:
+    """Greedy answers through the serving engine (batched): eval scores exactly what `lawchat serve` answers.
+    contexts: per prompt, retrieved (heading, text) articles put in the prompt as the server does."""
     from lawchat_server.engine.engine import Engine, generate_batch
     from lawchat_server.engine.model_runner import load_runner
+    from lawchat_server.prompt import with_context
 
     runner = load_runner(model_dir, device=device, trust_remote_code=trust_remote_code)
+    if contexts is not None:
+        prompts = [with_context(p, c, runner.tokenizer, max_context_tokens) for p, c in zip(prompts, contexts)]
     engine = Engine(runner)
     engine.start()
     try:
@@ -63,7 +85,8 @@ def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens:
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", compare: str | Path | None = None,
              max_new_tokens: int = 256, limit: int | None = None, device: str = "cpu",
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, retrieval: str | Path | None = None, retrieval_k: int = 3) -> dict:
+    """retrieval: a `lawchat index` file; every model is then scored without and with the articles in the prompt."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no split file {path}; run `lawchat prepare` first")
@@ -73,19 +96,28 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", c
     prompts, refs = [c[:-1] for c in convs], [c[-1]["content"] for c in convs]
     report = {"split": str(path), "models": {}, "compare": str(compare) if compare is not None else None,
               "answers": [{"question": p[-1]["content"], "reference": r} for p, r in zip(prompts, refs)]}
-    for model in [m for m in (compare, model_dir) if m is not None]:
-        hyps = generate_answers(Path(model), prompts, max_new_tokens, device, trust_remote_code)
-        report["models"][str(model)] = asdict(score(hyps, refs))
+    runs = [(str(m), None) for m in (compare, model_dir) if m is not None]
+    if retrieval is not None:
+        from lawchat_server.retrieval import Retriever
+        ret = Retriever(retrieval)
+        contexts = [[(h.heading, h.text) for h in ret.search(p[-1]["content"], retrieval_k)] for p in prompts]
+        runs += [(f"{m} +retrieval", contexts) for m, _ in list(runs)]
+    for name, ctx in runs:
+        model = Path(name.removesuffix(" +retrieval"))
+        hyps = generate_answers(model, prompts, max_new_tokens, device, trust_remote_code, contexts=ctx)
+        report["models"][name] = asdict(score(hyps, refs))
         for row, h in zip(report["answers"], hyps):
-            row[str(model)] = h
+            row[name] = h
     return report
 
 
 def print_report(report: dict, file=sys.stdout) -> None:
     print(f"eval on {report['split']}", file=file)
-    print("| model | examples | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 |\n|---|---|---|---|---|---|", file=file)
+    print("| model | examples | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | cites a governing article % |\n"
+          "|---|---|---|---|---|---|---|", file=file)
     for name, s in report["models"].items():
-        print(f"| {name} | {s['examples']} | {s['rouge_1']} | {s['rouge_2']} | {s['rouge_l']} | {s['bleu_4']} |",
+        cites = "-" if s.get("cites_governing") is None else s["cites_governing"]
+        print(f"| {name} | {s['examples']} | {s['rouge_1']} | {s['rouge_2']} | {s['rouge_l']} | {s['bleu_4']} | {cites} |",
               file=file)
 
 

@@ -55,6 +55,7 @@ class PrepareReport:
     rows_read: int = 0
     repaired_rows: int = 0   # records re-read after a quote that was never closed (see iter_records)
     is_best_policy: str = "best-else-all"
+    with_context: str | None = None   # the retrieval index whose articles were put in train/dev prompts
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
@@ -261,9 +262,33 @@ def split_of(questions: list[int], dev_ratio: float, test_ratio: float, seed: in
     return which
 
 
+class CharTokens:
+    """A stand-in tokenizer for prompt.with_context at prepare time (no model yet): one token per character."""
+
+    @staticmethod
+    def encode(text: str, add_special_tokens: bool = False) -> list[str]:
+        return list(text)
+
+    @staticmethod
+    def decode(ids: list[str], skip_special_tokens: bool = True) -> str:
+        return "".join(ids)
+
+
+def add_context(ex: Example, retriever, k: int, max_chars: int) -> Example:
+    """The user turn with the k best-matching articles before the question (prompt.with_context's wording)."""
+    from lawchat_server.prompt import with_context
+    hits = retriever.search(ex.prompt, k)
+    msgs = with_context([{"role": "user", "content": ex.prompt}], [(h.heading, h.text) for h in hits], CharTokens,
+                        max_chars)
+    return Example(msgs[-1]["content"], ex.reply, ex.is_best)
+
+
 def prepare(csv_path: str | Path, out_dir: str | Path, dev_ratio: float = 0.05, test_ratio: float = 0.05,
             seed: int = 42, keep_all_replies: bool = False, is_best: str = "best-else-all",
-            progress: bool | None = None) -> PrepareReport:
+            progress: bool | None = None, with_context: str | Path | None = None, context_k: int = 3,
+            context_chars: int = 512) -> PrepareReport:
+    """with_context: a retrieval index; train and dev prompts get the best-matching articles before the question
+    (the test split stays plain: `lawchat eval --retrieval` adds them the way the server does)."""
     from tqdm import tqdm
 
     csv_path, out_dir = Path(csv_path), Path(out_dir)
@@ -273,7 +298,12 @@ def prepare(csv_path: str | Path, out_dir: str | Path, dev_ratio: float = 0.05, 
     if policy not in POLICIES:
         raise PrepareError(f"--is-best must be one of {list(POLICIES)}, got {policy!r}")
     encoding = detect_encoding(csv_path)
-    report = PrepareReport(source=str(csv_path), encoding=encoding, is_best_policy=policy)
+    retriever = None
+    if with_context is not None:
+        from lawchat_server.retrieval import Retriever
+        retriever = Retriever(with_context)
+    report = PrepareReport(source=str(csv_path), encoding=encoding, is_best_policy=policy,
+                           with_context=str(with_context) if with_context else None)
     drops: Counter = Counter()
     size = csv_path.stat().st_size
     disable = None if progress is None else not progress     # None: a bar on a terminal only
@@ -296,6 +326,8 @@ def prepare(csv_path: str | Path, out_dir: str | Path, dev_ratio: float = 0.05, 
                     drops["not_best_reply"] += 1
                     continue
                 name = which.get(q, "train")
+                if retriever is not None and name != "test":
+                    ex = add_context(ex, retriever, context_k, context_chars)
                 files[name].write(json.dumps(ex.to_conversation(), ensure_ascii=False) + "\n")
                 counts[name] += 1
         for f in files.values():

@@ -1,0 +1,53 @@
+"""Training and evaluating with retrieved articles: `prepare --with-context`, `eval --retrieval`, citation share."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import BIN
+from lawchat_server.retrieval import build_index
+from lawchat_trainer.evaluate import cite_share, cited
+from test_retrieval import laws_db  # noqa: F401  (the laws.db-format fixture)
+
+
+def test_prepare_with_context_puts_articles_in_train_and_dev_prompts_only(laws_db, tmp_path):  # noqa: F811
+    build_index(tmp_path / "idx.sqlite", laws_db)
+    src = tmp_path / "in.csv"
+    src.write_text("title,question,reply,is_best\n" + "".join(
+        f"公司拖欠工资{i}个月怎么办,,可以申请劳动仲裁{i}。,1\n" for i in range(30)), encoding="utf-8")
+    r = subprocess.run([str(BIN / "lawchat"), "prepare", str(src), str(tmp_path / "out"), "--with-context",
+                        str(tmp_path / "idx.sqlite"), "--context-k", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {name: [json.loads(x)["conversations"] for x in (tmp_path / "out" / f"{name}.jsonl").read_text(
+        encoding="utf-8").splitlines()] for name in ("train", "dev", "test")}
+    for conv in rows["train"] + rows["dev"]:
+        user = conv[0]["content"]
+        assert user.startswith("参考法条：\n《劳动合同法》第三十条：") and "\n\n问题：公司拖欠工资" in user
+        assert len(user.split("\n\n问题：")[0]) <= 512 + 2
+    assert rows["test"] and all(conv[0]["content"].startswith("公司拖欠工资") for conv in rows["test"])
+    assert json.loads((tmp_path / "out" / "prepare_report.json").read_text())["with_context"].endswith("idx.sqlite")
+
+
+def test_eval_scores_each_model_with_and_without_retrieval(tiny_demo, laws_db, tmp_path):  # noqa: F811
+    build_index(tmp_path / "idx.sqlite", laws_db)
+    out = tmp_path / "eval.json"
+    r = subprocess.run([str(BIN / "lawchat"), "eval", str(tiny_demo / "merged"), str(tiny_demo / "data" / "prepared"),
+                        "--compare", str(tiny_demo / "base"), "--max-new-tokens", "12", "--limit", "6",
+                        "--retrieval", str(tmp_path / "idx.sqlite"), "--output", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text(encoding="utf-8"))
+    names = [str(tiny_demo / "base"), str(tiny_demo / "merged")]
+    assert list(report["models"]) == names + [n + " +retrieval" for n in names]
+    assert "cites a governing article" in r.stdout
+    rows = [json.loads(x) for x in (tmp_path / "eval_side_by_side.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 6 and all(len(row) == 2 + 4 for row in rows)
+
+
+def test_citation_share_counts_answers_naming_a_governing_article():
+    assert cited("依据《中华人民共和国劳动合同法》第三十条和《民法典》第1245条") == \
+        {("劳动合同法", "第三十条"), ("民法典", "第1245条")}
+    refs = ["《劳动合同法》第三十条规定：……", "《民法典》第一千二百四十五条规定：……", "没有法条"]
+    hyps = ["见《劳动合同法》第三十条。", "见《民法典》第一千零四十五条。", "《刑法》第二十条"]
+    assert cite_share(hyps, refs) == 50.0                 # 1 of the 2 references that cite anything
+    assert cite_share(["x"], ["没有法条"]) is None
