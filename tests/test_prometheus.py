@@ -61,6 +61,21 @@ def test_prometheus_scrapes_lawchat_metrics(server, tmp_path):
         assert tokens and float(tokens[0]["value"][1]) >= n
         ok = query(port, 'lawchat_requests_total{method="Chat",code="OK"}')
         assert ok and float(ok[0]["value"][1]) >= 1
+
+        # traffic across several scrapes, then every Grafana dashboard expression runs (a PromQL parse error is
+        # HTTP 400) and the throughput and TTFT panels show numbers
+        from test_dashboard import dashboard_exprs
+        with LawchatClient(server.target, timeout=60) as c:
+            for _ in range(4):
+                c.chat("试用期最长多久？", max_new_tokens=6, ignore_eos=True)
+                time.sleep(1.2)
+        time.sleep(2.5)
+        for expr in dashboard_exprs():
+            query(port, expr)
+        rate = query(port, "sum(rate(lawchat_generation_tokens_total[1m]))")
+        assert rate and float(rate[0]["value"][1]) > 0
+        ttft = query(port, "histogram_quantile(0.99, sum by (le) (rate(lawchat_time_to_first_token_seconds_bucket[5m])))")
+        assert ttft and 0 < float(ttft[0]["value"][1]) < 60
     finally:
         prom.terminate()
         prom.wait(30)
