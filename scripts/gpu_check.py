@@ -93,7 +93,7 @@ def bench_attention() -> None:
     from lawchat_server.engine.triton_attention import paged_decode
     dev, bs, ctx_len = "cuda", 16, 384
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"| batch | context | Triton paged (us) | torch gather + SDPA (us) | speed-up |\n|---|---|---|---|---|")
+    print("| batch | context | Triton paged (us) | torch gather + SDPA (us) | speed-up |\n|---|---|---|---|---|")
     for b in (1, 16, 64, 256):
         w = ctx_len // bs
         cache = torch.randn(2, b * w + 1, bs, 2, 128, device=dev, dtype=torch.bfloat16)

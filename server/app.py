@@ -67,10 +67,9 @@ def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
     retriever = Retriever(cfg.retrieval.index) if cfg.retrieval.index else None
     chat = ChatService(slot, cfg, metrics, limiter, breaker, keys, retriever)
 
-    async def on_drain():
+    async def on_drain():          # `app` is bound below, before any RPC can call this
         slot.draining = True
-        for name in ("", CHAT_SERVICE):
-            await health_servicer.set(name, NOT_SERVING)
+        await update_health(app)
 
     admin = AdminService(slot, breaker, limiter, keys.enabled, cfg.grace_seconds, on_drain)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
@@ -93,7 +92,8 @@ def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
                     "Fine for a local demo; set auth.enabled with keys for anything else.", address)
     if not cfg.tls.enabled and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("TLS is off on %s: questions and answers cross the network in plain text", address)
-    return App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port)
+    app = App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port)
+    return app
 
 
 async def start_app(app: App) -> None:

@@ -173,7 +173,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                             ticket = verdict
                             gen_request = await asyncio.to_thread(self._build_request, engine, hits, *parsed)
                             stream = engine.stream(gen_request, self.cfg.breaker.stall_seconds)
-                        charged = 0
+                        charged, charging = 0, self.limiter.limits_tokens
                         async for chunk in stream:
                             now = time.perf_counter()
                             if ttft is None:
@@ -182,7 +182,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                             else:
                                 m.itl.observe(now - t_last)
                             t_last, last = now, chunk
-                            if chunk.completion_tokens > charged:
+                            if charging and chunk.completion_tokens > charged:
                                 self.limiter.charge_tokens(client, chunk.completion_tokens - charged)
                                 charged = chunk.completion_tokens
                             yield chunk, degraded, hits if chunk.finish_reason is not None else []

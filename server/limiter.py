@@ -137,6 +137,11 @@ class Limiter:
                 mine[REQUESTS].level -= 1.0 if mine[REQUESTS].rate > 0 else 0.0
             return worst
 
+    @property
+    def limits_tokens(self) -> bool:
+        """Whether any token bucket is set (callers skip charge_tokens otherwise: it is on the per-chunk path)."""
+        return self.config.global_tokens.rate > 0 or self.config.client_tokens.rate > 0
+
     def charge_tokens(self, client: str, n: int) -> None:
         """Generated tokens, charged as they stream (the buckets may go into debt)."""
         if n <= 0:

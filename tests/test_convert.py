@@ -22,7 +22,7 @@ CFG = dict(model_type="chatglm", num_layers=2, hidden_size=64, ffn_hidden_size=9
            _name_or_path="THUDM/chatglm3-6b")
 
 
-def train_sentencepiece(d) -> "spm.SentencePieceProcessor":
+def train_sentencepiece(d):
     import sentencepiece as spm
     lines = []
     csv_text = (ROOT / "trainer" / "data" / "everyday_qa.csv").read_text(encoding="utf-8")

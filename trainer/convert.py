@@ -67,11 +67,17 @@ def check_chatglm3(src: Path) -> dict:
     return cfg
 
 
-def glm_config(cfg: dict, tokenizer_ids: dict):
-    from transformers import GlmConfig
+def attention_shape(cfg: dict) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of a ChatGLM3 config."""
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("kv_channels") or cfg["hidden_size"] // heads
     kv_heads = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else heads
+    return heads, kv_heads, head_dim
+
+
+def glm_config(cfg: dict, tokenizer_ids: dict):
+    from transformers import GlmConfig
+    heads, kv_heads, head_dim = attention_shape(cfg)
     eos = [tokenizer_ids["eos"], tokenizer_ids["<|user|>"], tokenizer_ids["<|observation|>"]]
     return GlmConfig(
         vocab_size=cfg["padded_vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["ffn_hidden_size"],
@@ -85,9 +91,7 @@ def glm_config(cfg: dict, tokenizer_ids: dict):
 
 def map_tensors(state: dict, cfg: dict) -> dict:
     """ChatGLM3 names -> GlmForCausalLM names for one shard's tensors."""
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("kv_channels") or cfg["hidden_size"] // heads
-    kv_heads = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else heads
+    heads, kv_heads, head_dim = attention_shape(cfg)
     q, kv = heads * head_dim, kv_heads * head_dim
     out = {}
     for name, t in state.items():

@@ -21,14 +21,13 @@ def resolve_base(adapter_dir: Path, base: str | Path | None) -> Path:
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise MergeError(f"{adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
-    if base is None:
-        base = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base:
-            raise MergeError(f"{cfg_path} names no base model; pass --base")
-    base = Path(base)
+    recorded = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if base is None and not recorded:
+        raise MergeError(f"{cfg_path} names no base model; pass --base")
+    base = Path(base if base is not None else recorded)
     if not (base / "config.json").is_file():
         raise MergeError(f"base model dir {base} not found (moved? pass --base)")
-    recorded = Path(json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path") or "")
+    recorded = Path(recorded or "")
     if recorded != base and (recorded / "config.json").is_file():   # --base given and the training base still there
         keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         a, b = (json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (recorded, base))

@@ -127,7 +127,8 @@ class Lines:
     """Physical lines of a text file, split on \\n only (\\u2028, \\x0c stay inside), with push-back."""
 
     def __init__(self, f, progress=None):
-        self.f, self.progress = f, progress
+        self.f = f
+        self.progress = progress if progress is not None and not progress.disable else None   # no bytes counted for nothing
         self.back: list[str] = []
         self.taken: list[str] = []     # lines handed out since the last reset
         self.count = 0
