@@ -234,7 +234,8 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
 
 def serve_from_cli(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cfg = load_server_config(args.config, host=args.host, port=args.port, metrics_port=args.metrics_port,
+    cfg = load_server_config(args.config, host=args.host, port=args.port, metrics_host=args.metrics_host,
+                             metrics_port=args.metrics_port,
                              device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     try:
         asyncio.run(serve(args.model, cfg))

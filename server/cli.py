@@ -55,6 +55,7 @@ def add_commands(sub) -> None:
                    help="server YAML (default: the shipped configs/server.yaml; flags below override it)")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
+    s.add_argument("--metrics-host", default=None, help="address of /metrics (0.0.0.0 for a Prometheus elsewhere)")
     s.add_argument("--metrics-port", type=int, default=None)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     s.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")

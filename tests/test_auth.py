@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lawchat_client import LawchatClient, LawchatError
+from lawchat_client import LawchatClient, LawchatError, NO_RETRY
 
 from faults import InProcessServer
 from lawchat_server.auth import AuthConfig, TlsConfig
@@ -64,8 +64,8 @@ def code_of(fn) -> grpc.StatusCode:
 def test_keys_and_scopes(auth_server, keys):
     _, chat_key, admin_key = keys
     t = auth_server.target
-    with LawchatClient(t, timeout=30, api_key="") as anon, LawchatClient(t, timeout=30, api_key="lc_wrong") as wrong, \
-            LawchatClient(t, timeout=30, api_key=chat_key) as alice, LawchatClient(t, timeout=30, api_key=admin_key) as ops:
+    with LawchatClient(t, timeout=30, api_key="", retry=NO_RETRY) as anon, LawchatClient(t, timeout=30, api_key="lc_wrong", retry=NO_RETRY) as wrong, \
+            LawchatClient(t, timeout=30, api_key=chat_key, retry=NO_RETRY) as alice, LawchatClient(t, timeout=30, api_key=admin_key, retry=NO_RETRY) as ops:
         for c in (anon, wrong):
             assert code_of(lambda: c.chat(QUESTION, max_new_tokens=2)) == grpc.StatusCode.UNAUTHENTICATED
             assert code_of(lambda: list(c.chat_stream(QUESTION, max_new_tokens=2))) == grpc.StatusCode.UNAUTHENTICATED
@@ -86,7 +86,7 @@ def test_rate_limits_are_kept_per_key(runner, keys):
                        limits=LimitsConfig(client_requests=Rate(rate=0.01, burst=1)))
     srv = InProcessServer(runner, cfg)
     try:
-        with LawchatClient(srv.target, api_key=keys[1]) as alice, LawchatClient(srv.target, api_key=keys[2]) as ops:
+        with LawchatClient(srv.target, api_key=keys[1], retry=NO_RETRY) as alice, LawchatClient(srv.target, api_key=keys[2], retry=NO_RETRY) as ops:
             alice.chat(QUESTION, max_new_tokens=1)
             assert code_of(lambda: alice.chat(QUESTION, max_new_tokens=1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert ops.chat(QUESTION, max_new_tokens=1, ignore_eos=True).completion_tokens == 1   # its own bucket
@@ -180,20 +180,20 @@ def test_tls_and_mtls_handshakes(runner, pki):
     mtls = InProcessServer(runner, ServerConfig(port=0, tls=TlsConfig(cert_file=cert, key_file=key,
                                                                       client_ca_file=ours["ca"])))
     try:
-        with LawchatClient(tls.target, timeout=10, tls_ca=ours["ca"]) as c:
+        with LawchatClient(tls.target, timeout=10, tls_ca=ours["ca"], retry=NO_RETRY) as c:
             assert c.chat(QUESTION, max_new_tokens=2, ignore_eos=True).completion_tokens == 2
-        with LawchatClient(tls.target, timeout=5) as plain:            # plaintext to a TLS port fails
+        with LawchatClient(tls.target, timeout=5, retry=NO_RETRY) as plain:            # plaintext to a TLS port fails
             assert code_of(lambda: plain.chat(QUESTION, max_new_tokens=2)) == grpc.StatusCode.UNAVAILABLE
-        with LawchatClient(tls.target, timeout=5, tls_ca=other["ca"]) as c:   # a server it does not trust
+        with LawchatClient(tls.target, timeout=5, tls_ca=other["ca"], retry=NO_RETRY) as c:   # a server it does not trust
             assert code_of(lambda: c.chat(QUESTION, max_new_tokens=2)) == grpc.StatusCode.UNAVAILABLE
 
         with LawchatClient(mtls.target, timeout=10, tls_ca=ours["ca"], tls_cert=ours["client"][0],
-                           tls_key=ours["client"][1]) as c:
+                           tls_key=ours["client"][1], retry=NO_RETRY) as c:
             assert c.chat(QUESTION, max_new_tokens=2, ignore_eos=True).completion_tokens == 2
-        with LawchatClient(mtls.target, timeout=5, tls_ca=ours["ca"]) as c:   # no client certificate
+        with LawchatClient(mtls.target, timeout=5, tls_ca=ours["ca"], retry=NO_RETRY) as c:   # no client certificate
             assert code_of(lambda: c.chat(QUESTION, max_new_tokens=2)) == grpc.StatusCode.UNAVAILABLE
         with LawchatClient(mtls.target, timeout=5, tls_ca=ours["ca"], tls_cert=other["client"][0],
-                           tls_key=other["client"][1]) as c:                 # a certificate from another CA
+                           tls_key=other["client"][1], retry=NO_RETRY) as c:                 # a certificate from another CA
             assert code_of(lambda: c.chat(QUESTION, max_new_tokens=2)) == grpc.StatusCode.UNAVAILABLE
         # the CLI and grpcurl over TLS
         r = subprocess.run([str(BIN / "lawchat-client"), "--target", tls.target, "--tls-ca", ours["ca"], "chat",

@@ -6,7 +6,7 @@ import subprocess
 
 import grpc
 import pytest
-from lawchat_client import LawchatClient, LawchatError
+from lawchat_client import LawchatClient, LawchatError, NO_RETRY
 
 from conftest import BIN
 from faults import FaultyRunner, InProcessServer
@@ -42,7 +42,7 @@ def server(runner, index):
 
 def test_retrieval_puts_articles_in_the_prompt_and_cites_them(server):
     srv, _ = server
-    with LawchatClient(srv.target, timeout=60) as c:
+    with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
         plain = c.chat_stream(QUESTION, max_new_tokens=4, ignore_eos=True)
         assert "".join(plain) is not None and plain.citations == []            # off by default
         stream = c.chat_stream(QUESTION, max_new_tokens=4, ignore_eos=True, retrieval=True)
@@ -59,7 +59,7 @@ def test_retrieval_puts_articles_in_the_prompt_and_cites_them(server):
 
 def test_degraded_answers_still_quote_the_articles(server):
     srv, faulty = server
-    with LawchatClient(srv.target, timeout=60) as c:
+    with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
         c.set_degraded(True, "test")
         try:
             calls = faulty.calls
@@ -76,7 +76,7 @@ def test_degraded_answers_still_quote_the_articles(server):
 def test_retrieval_on_a_server_without_an_index_is_failed_precondition(runner):
     srv = InProcessServer(runner)
     try:
-        with LawchatClient(srv.target, timeout=30) as c:
+        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c:
             with pytest.raises(LawchatError) as e:
                 c.chat(QUESTION, retrieval=True)
             assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "retrieval.index" in e.value.details

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from lawchat_client import LawchatClient, LawchatError
+from lawchat_client import LawchatClient, LawchatError, NO_RETRY
 
 from faults import FaultyRunner, InProcessServer, count, engine_of, wait_until
 from lawchat_server.prompt import encode_prompt
@@ -35,7 +35,7 @@ def slow(runner):
 
 def test_client_cancel_stops_generation_and_frees_the_slot(slow):
     srv, faulty = slow
-    with LawchatClient(srv.target, timeout=60) as c:
+    with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
         stream = c.chat_stream(QUESTION, max_new_tokens=400, ignore_eos=True)   # ~8 s of steps if not cancelled
         it = iter(stream)
         next(it)
@@ -52,7 +52,7 @@ def test_client_cancel_stops_generation_and_frees_the_slot(slow):
 
 def test_deadline_exceeded_frees_the_slot(slow):
     srv, faulty = slow
-    with LawchatClient(srv.target) as c:
+    with LawchatClient(srv.target, retry=NO_RETRY) as c:
         with pytest.raises(LawchatError) as e:
             list(c.chat_stream(QUESTION, max_new_tokens=400, timeout=2.0, ignore_eos=True))   # needs ~8 s
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -63,7 +63,7 @@ def test_deadline_exceeded_frees_the_slot(slow):
 
 def test_overload_gets_resource_exhausted_with_retry_after(slow):
     srv, _ = slow
-    with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(2) as pool:
+    with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c, ThreadPoolExecutor(2) as pool:
         first = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=60, ignore_eos=True))       # running
         assert wait_until(lambda: engine_of(srv).running == 1)
         second = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=5, ignore_eos=True))   # waiting (max_waiting=1)
@@ -78,7 +78,7 @@ def test_overload_gets_resource_exhausted_with_retry_after(slow):
 def test_engine_error_is_internal_and_server_keeps_serving(runner):
     srv = InProcessServer(FaultyRunner(runner, fail_steps=1))
     try:
-        with LawchatClient(srv.target, timeout=60) as c:
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
             with pytest.raises(LawchatError) as e:
                 list(c.chat_stream(QUESTION, max_new_tokens=5, request_id="boom-1"))
             assert e.value.code == grpc.StatusCode.INTERNAL
@@ -90,7 +90,7 @@ def test_engine_error_is_internal_and_server_keeps_serving(runner):
 
 def test_shutdown_refuses_new_while_in_flight_finish(runner):
     srv = InProcessServer(FaultyRunner(runner, delay=0.02))
-    with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+    with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c, ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=150, ignore_eos=True))   # ~3 s
         assert wait_until(lambda: engine_of(srv).running == 1)
         stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30})
@@ -129,7 +129,7 @@ class StrictTemplateRunner(FaultyRunner):
 def test_template_rejection_is_invalid_argument(runner):
     srv = InProcessServer(StrictTemplateRunner(runner))
     try:
-        with LawchatClient(srv.target, timeout=60) as c:
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
             with pytest.raises(LawchatError) as e:
                 c.chat([("system", "你是律师"), ("user", QUESTION)], max_new_tokens=3)
             assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -12,7 +12,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lawchat.v1 import chat_pb2, chat_pb2_grpc
-from lawchat_client import LawchatClient, LawchatError
+from lawchat_client import LawchatClient, LawchatError, NO_RETRY
 
 from faults import FaultyRunner, InProcessServer, engine_of, wait_until
 from lawchat_server.breaker import BreakerConfig
@@ -98,7 +98,7 @@ def test_generated_tokens_are_charged_as_they_stream(runner):
     cfg = ServerConfig(port=0, limits=LimitsConfig(client_tokens=Rate(rate=40, burst=40)))
     srv = InProcessServer(runner, cfg)
     try:
-        with LawchatClient(srv.target, timeout=60) as c:
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
             assert c.chat(QUESTION, max_new_tokens=80, ignore_eos=True).completion_tokens == 80   # admitted at 40
             with pytest.raises(LawchatError) as e:      # 80 tokens paid from a bucket of 40: 40 in debt
                 c.chat(QUESTION, max_new_tokens=1)
@@ -114,7 +114,7 @@ def test_update_limits_at_run_time(runner):
     cfg = ServerConfig(port=0, limits=LimitsConfig(client_requests=Rate(rate=0.1, burst=1)))
     srv = InProcessServer(runner, cfg)
     try:
-        with LawchatClient(srv.target, timeout=60) as c:
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
             c.chat(QUESTION, max_new_tokens=1)
             with pytest.raises(LawchatError) as e:
                 c.chat(QUESTION, max_new_tokens=1)
@@ -148,7 +148,7 @@ def test_breaker_closed_open_half_open_closed(runner):
                                                      stall_seconds=0.5))
     srv = InProcessServer(faulty, cfg)
     try:
-        with LawchatClient(srv.target, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c, ThreadPoolExecutor(2) as pool:
             s, _ = ask(c)
             assert (s.finish_reason, s.degraded, breaker_state(c)) == ("max_tokens", False, "BREAKER_STATE_CLOSED")
 
@@ -203,7 +203,7 @@ def test_client_cancel_and_deadline_are_not_engine_successes(runner):
     cfg = ServerConfig(port=0, breaker=BreakerConfig(failure_threshold=2, recovery_seconds=60))
     srv = InProcessServer(faulty, cfg)
     try:
-        with LawchatClient(srv.target, timeout=30) as c:
+        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c:
             faulty.fail_steps = 1
             with pytest.raises(LawchatError):
                 ask(c)
@@ -230,7 +230,7 @@ def test_degraded_switch_on_and_off(runner):
     faulty = FaultyRunner(runner)
     srv = InProcessServer(faulty)
     try:
-        with LawchatClient(srv.target, timeout=30) as c:
+        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c:
             normal = ask(c, n=6)[1]
             sw = c.set_degraded(True, "GPU 维护")
             assert sw == {"enabled": True, "reason": "GPU 维护"}
@@ -276,7 +276,7 @@ def test_reload_model_keeps_the_running_stream_and_switches_new_requests(runner,
     srv = InProcessServer(faulty, loader=loader)
     old_engine = engine_of(srv)
     try:
-        with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c, ThreadPoolExecutor(1) as pool:
             running = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=60, ignore_eos=True))
             assert wait_until(lambda: old_engine.running == 1)
             r = c.reload_model(str(second_model))
@@ -308,7 +308,7 @@ def test_drain_refuses_new_requests_while_in_flight_finish(runner):
     faulty = FaultyRunner(runner, delay=0.02)
     srv = InProcessServer(faulty)
     try:
-        with LawchatClient(srv.target, timeout=60) as c, ThreadPoolExecutor(2) as pool, \
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c, ThreadPoolExecutor(2) as pool, \
                 grpc.insecure_channel(srv.target) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             in_flight = pool.submit(lambda: c.chat(QUESTION, max_new_tokens=120, ignore_eos=True))   # ~2.5 s
@@ -383,7 +383,7 @@ def test_request_size_limits_are_invalid_argument(runner):
                                                              max_message_chars=500))
     srv = InProcessServer(runner, cfg)
     try:
-        with LawchatClient(srv.target, timeout=30) as c:
+        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c:
             cases = [([("user", "法" * 400)] * 2, "bytes; this server takes at most 2000"),
                      ([("user", "问")] * 4, "4 messages; this server takes at most 3"),
                      ([("user", "a" * 501)], "messages[0].content has 501 characters")]

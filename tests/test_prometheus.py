@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from lawchat_client import LawchatClient
+from lawchat_client import LawchatClient, NO_RETRY
 
 pytestmark = pytest.mark.slow
 PROMETHEUS = shutil.which("prometheus")
@@ -45,7 +45,7 @@ def test_prometheus_scrapes_lawchat_metrics(server, tmp_path):
                              f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "prom.log").open("w"))
     try:
-        with LawchatClient(server.target, timeout=60) as c:
+        with LawchatClient(server.target, timeout=60, retry=NO_RETRY) as c:
             n = c.chat("劳动合同法第三十九条是怎么规定的？", max_new_tokens=9).completion_tokens
         deadline, up, tokens = time.monotonic() + 60, [], []
         while time.monotonic() < deadline:
@@ -65,7 +65,7 @@ def test_prometheus_scrapes_lawchat_metrics(server, tmp_path):
         # traffic across several scrapes, then every Grafana dashboard expression runs (a PromQL parse error is
         # HTTP 400) and the throughput and TTFT panels show numbers
         from test_dashboard import dashboard_exprs
-        with LawchatClient(server.target, timeout=60) as c:
+        with LawchatClient(server.target, timeout=60, retry=NO_RETRY) as c:
             for _ in range(4):
                 c.chat("试用期最长多久？", max_new_tokens=6, ignore_eos=True)
                 time.sleep(1.2)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from lawchat_client import LawchatClient, LawchatError
+from lawchat_client import LawchatClient, LawchatError, NO_RETRY
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def test_sdk_stream_deltas_and_final_message(server):
-    with LawchatClient(server.target, timeout=60) as c:
+    with LawchatClient(server.target, timeout=60, retry=NO_RETRY) as c:
         stream = c.chat_stream(QUESTION, max_new_tokens=48, request_id="req-stream-1")
         deltas = list(stream)
         assert stream.request_id == "req-stream-1"
@@ -59,7 +59,7 @@ def test_sdk_stream_deltas_and_final_message(server):
 
 
 def test_max_tokens_and_stop_sequence(server):
-    with LawchatClient(server.target, timeout=60) as c:
+    with LawchatClient(server.target, timeout=60, retry=NO_RETRY) as c:
         r = c.chat(QUESTION, max_new_tokens=5)
         assert (r.finish_reason, r.completion_tokens) == ("max_tokens", 5)
         full = c.chat(QUESTION, max_new_tokens=40).text
@@ -85,7 +85,7 @@ def test_max_tokens_and_stop_sequence(server):
     ([{"role": "user", "content": "问" * 3000}], {}, "this model takes at most"),
 ])
 def test_bad_requests_get_invalid_argument(server, messages, params, needle):
-    with LawchatClient(server.target, timeout=30) as c:
+    with LawchatClient(server.target, timeout=30, retry=NO_RETRY) as c:
         with pytest.raises(LawchatError) as e:
             list(c.chat_stream(messages, **params))
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -96,7 +96,7 @@ def test_bad_requests_get_invalid_argument(server, messages, params, needle):
 
 
 def test_admin_status(server, tiny_model):
-    with LawchatClient(server.target) as c:
+    with LawchatClient(server.target, retry=NO_RETRY) as c:
         s = c.status()
     assert s["model"] == tiny_model.name and s["device"] == "cpu" and s["dtype"] == "float32"
     assert s["uptime_seconds"] > 0 and s["version"]
@@ -138,7 +138,7 @@ def test_grpcurl_reflection_list_health_and_stream(server):
 
 def test_metrics_over_http(server):
     before = metrics_text(server)
-    with LawchatClient(server.target, timeout=60) as c:
+    with LawchatClient(server.target, timeout=60, retry=NO_RETRY) as c:
         n = c.chat(QUESTION, max_new_tokens=7).completion_tokens
         with pytest.raises(LawchatError):
             c.chat([])
@@ -172,7 +172,7 @@ def test_client_cli_streams_to_terminal(server):
 
 
 def test_prompt_text_never_logged(server):
-    with LawchatClient(server.target, timeout=60) as c:
+    with LawchatClient(server.target, timeout=60, retry=NO_RETRY) as c:
         answer = c.chat(SECRET, max_new_tokens=8, request_id="secret-check").text
     time.sleep(0.3)
     log = server.log_text()
@@ -220,7 +220,7 @@ def test_engine_runs_in_its_own_process_and_its_death_is_unavailable(tiny_model,
     srv = start_server(tiny_model, tmp_path / "own.log")
     try:
         child = engine_child(srv)
-        with LawchatClient(srv.target, timeout=30) as c:
+        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c:
             # the engine's answer crosses the process boundary intact: the same as in-process greedy
             r = c.chat(QUESTION, max_new_tokens=12, ignore_eos=True)
             assert r.completion_tokens == 12 and r.text
@@ -249,7 +249,7 @@ def test_full_queue_of_the_engine_process_is_resource_exhausted(tiny_model, tmp_
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     srv = start_server(tiny_model, tmp_path / "own.log", "--config", str(tmp_path / "server.yaml"))
     try:
-        with LawchatClient(srv.target, timeout=120) as c, ThreadPoolExecutor(2) as pool:
+        with LawchatClient(srv.target, timeout=120, retry=NO_RETRY) as c, ThreadPoolExecutor(2) as pool:
             first = c.chat_stream(QUESTION, max_new_tokens=2000, ignore_eos=True)
             it = iter(first)
             next(it)                                                    # running

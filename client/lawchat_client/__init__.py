@@ -1,5 +1,9 @@
-"""lawchat-client: Python SDK and CLI for the lawchat legal assistant server."""
-from .client import ChatResult, ChatStream, LawchatClient, LawchatError
+"""lawchat-client: Python SDK (sync and asyncio) and CLI for the lawchat legal assistant server."""
+from .aio import AsyncChatStream, AsyncLawchatClient
+from .client import ChatStream, LawchatClient
+from .messages import ChatOptions, ChatResult
+from .retry import NO_RETRY, LawchatError, RetryPolicy
 
-__all__ = ["ChatResult", "ChatStream", "LawchatClient", "LawchatError"]
-__version__ = "0.1.0"
+__all__ = ["AsyncChatStream", "AsyncLawchatClient", "ChatOptions", "ChatResult", "ChatStream", "LawchatClient",
+           "LawchatError", "NO_RETRY", "RetryPolicy"]
+__version__ = "0.2.0"

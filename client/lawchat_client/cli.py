@@ -1,6 +1,8 @@
-"""lawchat-client CLI: stream an answer to the terminal, or run an AdminService call.
+"""lawchat-client CLI: stream an answer to the terminal, chat over several turns, or run an AdminService call.
 
     lawchat-client chat "劳动合同法第三十九条是怎么规定的？"
+    lawchat-client chat -i                                     # multi-turn: the history goes with every question
+    lawchat-client --target 10.0.0.5:50051,10.0.0.6:50051 chat "…"   # round_robin over the healthy servers
     lawchat-client --target 10.0.0.5:50051 --tls-ca ca.pem --api-key "$KEY" status
     lawchat-client degraded on --reason "GPU maintenance"      # needs a key with the admin scope
     lawchat-client limits --client-requests 5:10 --client-tokens 200:2000
@@ -16,7 +18,8 @@ import argparse
 import json
 import sys
 
-from .client import LawchatClient, LawchatError
+from .client import LawchatClient
+from .retry import LawchatError, RetryPolicy
 
 
 def rate(text: str) -> dict:
@@ -32,8 +35,11 @@ def rate(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lawchat-client", description="Talk to a lawchat server")
-    p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--target", default="127.0.0.1:50051",
+                   help="host:port, several separated by commas (round_robin), or dns:///name:port")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (retries included)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="retries on UNAVAILABLE / RESOURCE_EXHAUSTED before any text arrived (0 = none)")
     p.add_argument("--api-key", default=None, help="API key (default: $LAWCHAT_API_KEY)")
     p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (turns TLS on)")
     p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mTLS (with --tls-key)")
@@ -41,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="TLS with the system's trusted roots")
     p.add_argument("--server-name", default=None, help="TLS: the name in the server's certificate, if not the host")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("chat", help="ask one question; the answer streams to stdout")
-    c.add_argument("question")
+    c = sub.add_parser("chat", help="ask one question (or -i: several turns); the answer streams to stdout")
+    c.add_argument("question", nargs="?", default=None)
+    c.add_argument("-i", "--interactive", action="store_true",
+                   help="multi-turn chat: read questions from stdin, keep the history; an empty line or EOF ends it")
     c.add_argument("--system", default=None, help="optional system message")
     c.add_argument("--max-new-tokens", type=int, default=None)
     c.add_argument("--temperature", type=float, default=None)
@@ -85,19 +93,48 @@ def admin(client: LawchatClient, a) -> dict:
 def chat(client: LawchatClient, a) -> None:
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
         [{"role": "user", "content": a.question}]
+    answer(client, a, messages)
+
+
+def interactive(client: LawchatClient, a) -> None:
+    """Each question goes with the whole conversation so far; a failed turn is dropped from the history."""
+    history = [{"role": "system", "content": a.system}] if a.system else []
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            sys.stderr.write("你: ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        history.append({"role": "user", "content": line.strip()})
+        try:
+            text = answer(client, a, history)
+        except LawchatError:
+            history.pop()
+            raise
+        history.append({"role": "assistant", "content": text})
+
+
+def answer(client: LawchatClient, a, messages: list[dict]) -> str:
+    """Ask, print the answer (streamed unless --no-stream) and what was asked for; -> the answer's text."""
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
               seed=a.seed, stop=a.stop, retrieval=True if a.cite else None)
     if a.no_stream:
         r = client.chat(messages, **kw)
-        print(r.text)
+        text = r.text
+        print(text)
         finish, prompt, completion, degraded = r.finish_reason, r.prompt_tokens, r.completion_tokens, r.degraded
         citations = r.citations
     else:
         stream = client.chat_stream(messages, **kw)
+        parts = []
         for delta in stream:
+            parts.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        text = "".join(parts)
         finish, prompt, completion, degraded = (stream.finish_reason, stream.prompt_tokens, stream.completion_tokens,
                                                 stream.degraded)
         citations = stream.citations
@@ -109,20 +146,26 @@ def chat(client: LawchatClient, a) -> None:
         print("[degraded: the server's canned answer, not the model's]", file=sys.stderr)
     if a.usage:
         print(f"[finish={finish} prompt_tokens={prompt} completion_tokens={completion}]", file=sys.stderr)
+    sys.stdout.flush()
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.command == "chat" and (a.question is None) != a.interactive:
+        p.error("chat: give a question, or -i for a multi-turn chat")
     try:
         client = LawchatClient(a.target, timeout=a.timeout, api_key=a.api_key, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
-                               tls_key=a.tls_key, tls=a.tls, server_name=a.server_name)
+                               tls_key=a.tls_key, tls=a.tls, server_name=a.server_name,
+                               retry=RetryPolicy(max_attempts=1 + max(0, a.retries)))
     except (ValueError, OSError) as e:
         print(f"lawchat-client: {e}", file=sys.stderr)
         return 2
     with client:
         try:
             if a.command == "chat":
-                chat(client, a)
+                (interactive if a.interactive else chat)(client, a)
             else:
                 print(json.dumps(admin(client, a), ensure_ascii=False, indent=2))
             return 0

@@ -1,0 +1,159 @@
+"""Scale-out with a real balancer: deploy/envoy.yaml runs the real Envoy binary in front of two real lawchat
+replicas (tiny model); streams go through Envoy; one replica is killed mid-run."""
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+import yaml
+from lawchat_client import NO_RETRY, LawchatClient, LawchatError
+
+from conftest import BIN, ROOT, start_server
+from test_sdk import requests_served
+
+pytestmark = pytest.mark.slow
+ENVOY = BIN / "envoy"
+QUESTION = "试用期最长可以约定多久？"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envoy_config(replicas: list[str], port: int, admin_port: int) -> dict:
+    """deploy/envoy.yaml as shipped, with loopback ports and the replicas' addresses filled in."""
+    cfg = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text(encoding="utf-8"))
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    cluster = cfg["static_resources"]["clusters"][0]
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(p)}}}}
+        for host, p in (r.rsplit(":", 1) for r in replicas)]
+    return cfg
+
+
+def running(srv) -> int:
+    body = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
+    return int(float(re.search(r"^lawchat_requests_running (\S+)", body, re.M).group(1)))
+
+
+def healthy_hosts(admin_port: int) -> int:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).read().decode()
+    return sum(1 for line in body.splitlines()
+               if line.startswith("lawchat::") and "::health_flags::healthy" in line)
+
+
+@pytest.fixture
+def two_replicas_behind_envoy(tiny_model, tmp_path):
+    a = start_server(tiny_model, tmp_path / "a.log")
+    b = start_server(tiny_model, tmp_path / "b.log")
+    port, admin_port = free_port(), free_port()
+    conf = tmp_path / "envoy.yaml"
+    conf.write_text(yaml.safe_dump(envoy_config([a.target, b.target], port, admin_port)), encoding="utf-8")
+    log = (tmp_path / "envoy.log").open("w")
+    envoy = subprocess.Popen([str(ENVOY), "-c", str(conf), "--base-id", str(port), "-l", "warning"],
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if healthy_hosts(admin_port) == 2:
+                    break
+            except OSError:
+                pass
+            assert envoy.poll() is None and time.monotonic() < deadline, (tmp_path / "envoy.log").read_text()
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}", a, b, admin_port
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
+        a.stop(signal.SIGKILL)
+        b.stop(signal.SIGKILL)
+
+
+def test_shipped_envoy_config_is_valid():
+    r = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(ROOT / "deploy" / "envoy.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "OK" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_streams_through_envoy_survive_losing_a_replica(two_replicas_behind_envoy):
+    target, a, b, admin_port = two_replicas_behind_envoy
+    client = LawchatClient(target, retry=NO_RETRY, timeout=60)
+    for _ in range(6):                         # through Envoy, spread over both replicas
+        stream = client.chat_stream(QUESTION, max_new_tokens=8)
+        assert "".join(stream) and stream.completion_tokens == 8
+    assert requests_served(a) >= 1 and requests_served(b) >= 1
+
+    # long streams in flight on both replicas, then replica a is killed
+    outcomes: list = []
+    started = threading.Barrier(7)
+
+    def long_stream():
+        stream = client.chat_stream(QUESTION, max_new_tokens=400, ignore_eos=True)
+        try:
+            it = iter(stream)
+            next(it)
+            started.wait(30)
+            for _ in it:
+                pass
+            outcomes.append(("OK", stream.completion_tokens))
+        except LawchatError as e:
+            outcomes.append((e.code.name, None))
+    threads = [threading.Thread(target=long_stream) for _ in range(6)]
+    for t in threads:
+        t.start()
+    started.wait(30)
+    on_a = running(a)
+    a.stop(signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a stream hung after its replica died"
+    assert len(outcomes) == 6
+    assert {code for code, _ in outcomes} <= {"OK", "UNAVAILABLE", "INTERNAL"}, outcomes
+    assert ("OK", 400) in outcomes                        # streams on the surviving replica finished whole
+    assert 0 < on_a < 6 and sum(code != "OK" for code, _ in outcomes) == on_a   # those on a ended with a status
+
+    # new streams keep succeeding (no client retries: Envoy's health checks and retries route around a)
+    before = requests_served(b)
+    for _ in range(6):
+        stream = client.chat_stream(QUESTION, max_new_tokens=8)
+        assert "".join(stream) and stream.completion_tokens == 8
+    assert requests_served(b) == before + 6
+    deadline = time.monotonic() + 10
+    while healthy_hosts(admin_port) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert healthy_hosts(admin_port) == 1                 # Envoy's gRPC health check marked a down
+    client.close()
+
+
+def test_health_check_through_envoy_with_grpcurl(two_replicas_behind_envoy):
+    target = two_replicas_behind_envoy[0]
+    r = subprocess.run([str(BIN / "grpcurl"), "-plaintext", "-d", '{"service":"lawchat.v1.ChatService"}', target,
+                        "grpc.health.v1.Health/Check"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and '"SERVING"' in r.stdout, r.stdout + r.stderr
+
+
+def test_envoy_takes_a_draining_replica_out_by_its_grpc_health(two_replicas_behind_envoy):
+    """A drained replica still accepts TCP; only grpc.health.v1 says NOT_SERVING — Envoy must act on that."""
+    target, a, b, admin_port = two_replicas_behind_envoy
+    with LawchatClient(a.target, retry=NO_RETRY) as direct:
+        direct.drain(timeout_seconds=0.1, timeout=10)
+    deadline = time.monotonic() + 10
+    while healthy_hosts(admin_port) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert healthy_hosts(admin_port) == 1
+    served_a, served_b = requests_served(a), requests_served(b)
+    with LawchatClient(target, retry=NO_RETRY, timeout=30) as client:
+        for _ in range(6):
+            assert client.chat(QUESTION, max_new_tokens=4).completion_tokens == 4
+    assert requests_served(a) == served_a and requests_served(b) == served_b + 6
