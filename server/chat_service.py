@@ -232,6 +232,10 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     if last.finish_reason is not None:
                         m.finished.labels(last.finish_reason).inc()
                         m.e2e.observe(e2e)
+                        if last.finish_reason != DEGRADED:      # the canned answer never queued
+                            m.queue_time.observe(last.queue_seconds)
+                            m.request_prompt_tokens.observe(last.prompt_tokens)
+                            m.request_generation_tokens.observe(last.completion_tokens)
                 log.info("rpc=%s request_id=%s code=%s prompt_tokens=%s completion_tokens=%s finish=%s ttft_ms=%s "
                          "e2e_ms=%.1f", method, rid, code, last.prompt_tokens if last else "-",
                          last.completion_tokens if last else "-", last.finish_reason if last else "-",

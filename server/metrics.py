@@ -5,6 +5,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000, 32000)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -24,6 +25,12 @@ class Metrics:
                              buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("lawchat_e2e_request_latency_seconds", "Time from request to final message.",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("lawchat_request_queue_time_seconds", "Time a request waited in the engine's "
+                                    "queue before its prompt was first scheduled.", buckets=LATENCY_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("lawchat_request_prompt_tokens", "Prompt tokens of finished requests.",
+                                               buckets=COUNT_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("lawchat_request_generation_tokens", "Generated tokens of finished "
+                                                   "requests.", buckets=COUNT_BUCKETS, registry=r)
         self.running = Gauge("lawchat_requests_running", "Requests being generated now.", registry=r)
         self.waiting = Gauge("lawchat_requests_waiting", "Requests queued for the engine.", registry=r)
         self.admitted = Counter("lawchat_limiter_admitted", "Requests let through by the rate limiter.", registry=r)

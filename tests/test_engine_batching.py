@@ -228,3 +228,18 @@ def test_generic_path_serves_other_models_the_same_way(glm_model):
     finally:
         engine.stop()
     assert [o.token_ids for o in outs] == hf_greedy(glm_model, prompts, lens)
+
+
+def test_queue_time_is_the_wait_for_a_running_slot(glm_model):
+    """With one running slot, the second request waits for the whole first generation: its queue time says so."""
+    engine = started(glm_model, max_num_seqs=1)
+    try:
+        ids = [5, 6, 7, 8]
+        t0 = time.monotonic()
+        first, second = run_engine(engine, [GenerationRequest(ids, SamplingParams(), 40, ignore_eos=True),
+                                            GenerationRequest(ids, SamplingParams(), 2, ignore_eos=True)])
+        total = time.monotonic() - t0
+        assert first.queue_seconds < 0.5 * second.queue_seconds
+        assert 0 < second.queue_seconds < total and first.completion_tokens == 40
+    finally:
+        engine.stop()

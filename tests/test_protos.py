@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import filecmp
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +35,33 @@ def test_generated_stubs_are_fresh(tmp_path):
     assert "chat_pb2_grpc.py" in names and "admin_pb2.py" in names
     _, mismatch, missing = filecmp.cmpfiles(fresh, checked_in, names, shallow=False)
     assert not mismatch and not missing, f"stale stubs {mismatch + missing}: run scripts/gen_protos.sh"
+
+
+def test_buf_format_clean_and_breaking_check_catches_a_removed_field(tmp_path):
+    """scripts/check_protos.sh (run by .ci/run) against a repo whose last commit removes a response field."""
+    r = subprocess.run([str(BIN / "buf"), "format", "--diff", "--exit-code"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "protos", repo / "protos")
+    shutil.copy(ROOT / "buf.yaml", repo / "buf.yaml")
+    shutil.copytree(ROOT / "scripts", repo / "scripts")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "v1")
+    env = dict(os.environ, BUF=str(BIN / "buf"))
+    check = lambda: subprocess.run(["bash", "scripts/check_protos.sh"], cwd=repo, capture_output=True,  # noqa: E731
+                                   text=True, timeout=120, env=env)
+    first = check()
+    assert first.returncode == 0 and "skipped" in first.stderr, first.stdout + first.stderr
+    chat = repo / "protos" / "lawchat" / "v1" / "chat.proto"
+    text = chat.read_text(encoding="utf-8")
+    git("commit", "-q", "--allow-empty", "-m", "no change")
+    assert check().returncode == 0
+    line = next(ln for ln in text.splitlines() if "finish_reason" in ln and "=" in ln and ";" in ln)
+    chat.write_text(text.replace(line + "\n", "", 1), encoding="utf-8")
+    git("commit", "-qam", "remove a field")
+    r = check()
+    assert r.returncode != 0 and "finish_reason" in r.stdout + r.stderr, r.stdout + r.stderr

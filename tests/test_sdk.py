@@ -219,3 +219,10 @@ def test_cli_chat_interactive_keeps_the_history(server, tiny_model):
 def test_cli_chat_needs_a_question_or_interactive():
     r = subprocess.run([str(BIN / "lawchat-client"), "chat"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "-i" in r.stderr
+
+
+def test_unknown_chat_option_is_a_type_error(scripted):
+    _, target = scripted
+    with LawchatClient(target) as client:
+        with pytest.raises(TypeError, match="max_tokens"):
+            client.chat("问", max_tokens=5)

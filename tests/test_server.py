@@ -159,6 +159,12 @@ def test_metrics_over_http(server):
         metric_value(before, "lawchat_generation_tokens_total") + n
     assert metric_value(after, "lawchat_time_to_first_token_seconds_count") >= 1
     assert metric_value(after, "lawchat_requests_running") == 0
+    assert metric_value(after, "lawchat_request_generation_tokens_sum") - \
+        metric_value(before, "lawchat_request_generation_tokens_sum") == n
+    assert metric_value(after, "lawchat_request_queue_time_seconds_count") - \
+        metric_value(before, "lawchat_request_queue_time_seconds_count") == 1
+    assert metric_value(after, "lawchat_request_queue_time_seconds_sum") > \
+        metric_value(before, "lawchat_request_queue_time_seconds_sum")      # measured in the engine process
 
 
 def test_client_cli_streams_to_terminal(server):

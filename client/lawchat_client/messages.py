@@ -60,6 +60,9 @@ def citations_of(citations) -> list[dict]:
 
 def build_request(message_type, messages: Messages, o: ChatOptions):
     """ChatRequest or ChatStreamRequest; only the options given are set (field presence)."""
+    unknown = set(o) - set(ChatOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown chat option(s) {sorted(unknown)}; known: {sorted(ChatOptions.__annotations__)}")
     sampling = chat_pb2.SamplingParameters()
     for name in ("temperature", "top_p", "top_k", "seed"):
         if o.get(name) is not None:

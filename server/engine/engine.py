@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -60,6 +60,7 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)   # on the last chunk: every generated id (eval, tests)
+    queue_seconds: float = 0.0           # on the last chunk: arrival -> first scheduled (queue time)
 
 
 @dataclass
@@ -133,8 +134,7 @@ async def read_chunks(out: asyncio.Queue, progress=None, stall_seconds: float | 
             if isinstance(item, BaseException):
                 raise item
         last = items[-1]
-        chunk = last if len(items) == 1 else Chunk("".join(c.delta for c in items), last.finish_reason,
-                                                   last.prompt_tokens, last.completion_tokens, last.token_ids)
+        chunk = last if len(items) == 1 else replace(last, delta="".join(c.delta for c in items))
         yield chunk
         if chunk.finish_reason is not None:
             return
@@ -369,7 +369,7 @@ class Engine:
         if not text and finish is None:
             return None
         ids = job.seq.token_ids[job.seq.num_prompt:job.seq.num_prompt + n_out] if finish else []
-        return Chunk(text, finish, job.seq.num_prompt, n_out, ids)
+        return Chunk(text, finish, job.seq.num_prompt, n_out, ids, (job.seq.queue_seconds or 0.0) if finish else 0.0)
 
 def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int | list[int],
                    sampling: SamplingParams = SamplingParams(), ignore_eos: bool = False) -> list[Chunk]:
@@ -393,7 +393,6 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_new_tokens: int
                     except EngineOverloaded:
                         await asyncio.sleep(0.05)
             last = parts[-1]
-            return Chunk("".join(c.delta for c in parts), last.finish_reason, last.prompt_tokens,
-                         last.completion_tokens, last.token_ids)
+            return replace(last, delta="".join(c.delta for c in parts))
         return await asyncio.gather(*[one(p, n) for p, n in zip(prompts, limits)])
     return asyncio.run(run())

@@ -44,7 +44,7 @@ class RunnerInfo:
 
 
 def astuple_chunk(c: Chunk) -> tuple:
-    return (c.delta, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.token_ids)
+    return (c.delta, c.finish_reason, c.prompt_tokens, c.completion_tokens, c.token_ids, c.queue_seconds)
 
 
 # -- the engine process ---------------------------------------------------------------------------

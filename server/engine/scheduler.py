@@ -8,6 +8,7 @@ freed and it goes back to the head of the queue, to be recomputed (prompt + what
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -111,6 +112,8 @@ class Scheduler:
             bm.record_admission(seq)
             bm.allocate(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
+            if seq.queue_seconds is None:
+                seq.queue_seconds = time.monotonic() - seq.arrival
             self.running.append(seq)
             step.prefill.append((seq, n))
             scheduled.add(seq.seq_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from enum import Enum
 
 from .sampler import SamplingParams
@@ -34,6 +35,8 @@ class Sequence:
         self.aborted = False                  # set outside the engine thread (client gone, deadline, stop
                                               # sequence matched): the engine drops it at its next step
         self.preemptions = 0
+        self.arrival = time.monotonic()
+        self.queue_seconds: float | None = None   # arrival -> first admitted to the running set
 
     def __len__(self) -> int:
         return len(self.token_ids)
