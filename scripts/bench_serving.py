@@ -139,10 +139,13 @@ def run_round(target: str, questions: list[str], new_tokens: int, processes: int
                 gap50=q(gaps, .5), gap99=q(gaps, .99), msgs_per_stream=(len(gaps) + len(rows)) / len(rows))
 
 
+MODES = {"process": {}, "sync": {"overlap": False}, "thread": {"separate_process": False}}   # engine overrides
+
+
 def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path,
-                 separate_process: bool = True) -> tuple[subprocess.Popen, str]:
+                 engine: dict | None = None) -> tuple[subprocess.Popen, str]:
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "server.yaml").read_text())
-    cfg["engine"].update(max_num_seqs=max(max_streams, 1), max_waiting=4096, separate_process=separate_process)
+    cfg["engine"].update(max_num_seqs=max(max_streams, 1), max_waiting=4096, **(engine or {}))
     cfg["limits"]["client_requests"] = {"rate": 0, "burst": 0}     # every benchmark client is one peer IP
     cfg_path = log_path.with_suffix(".yaml")
     cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
@@ -167,8 +170,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--clients", type=int, default=8, help="client processes")
-    ap.add_argument("--engine-modes", default="process",
-                    help="comma list: process (engine in its own process, the default) and/or thread (in-process)")
+    ap.add_argument("--engine-modes", default="process,sync",
+                    help="comma list of: process (engine in its own process, overlapped steps: the default), sync "
+                         "(the same with engine.overlap off: the baseline of the overlap), thread (engine in-process)")
     a = ap.parse_args()
     streams = [int(s) for s in a.streams.split(",")]
 
@@ -194,8 +198,7 @@ def main() -> None:
     results, log_tail = {}, ""
     for mode in a.engine_modes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log",
-                                        separate_process=mode == "process")
+            proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log", MODES[mode])
             try:
                 run_round(target, questions[-8:], 16, 2)          # warm-up: connections, first shapes
                 rows, used = [], 0
@@ -206,7 +209,8 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(60)
-                log_tail += f"[{mode}] " + (Path(tmp) / "server.log").read_text()[-600:]
+                log = (Path(tmp) / "server.log").read_text()
+                log_tail += f"[{mode}] " + "".join(ln + "\n" for ln in log.splitlines() if "engine: " in ln) + log[-600:]
     print(f"\ncard: {card} | model: {model_dir} | prompt ~{a.prompt_tokens} tokens, {a.new_tokens} new tokens "
           f"(EOS ignored) | {a.clients} client processes | torch {torch.__version__}")
     if limit:

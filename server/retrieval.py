@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -181,12 +182,21 @@ class Retriever:
         drop = STOPWORDS | replaced_words(question)     # question words, and everyday words that have statute words
         return [(t, 1.0) for t in words if t not in drop] + expand_terms(question)
 
-    def search(self, question: str, k: int = 5, expand: bool = True) -> list[Hit]:
+    def search(self, question: str, k: int = 5, expand: bool = True, prior: bool = True) -> list[Hit]:
+        """expand: everyday words also searched in the statutes' wording; prior: BM25's best PRIOR_POOL
+        re-ranked with the law-level prior (legal_terms.LAW_PRIOR). Both off = plain BM25."""
+        from .legal_terms import LAW_PRIOR, PRIOR_POOL, PRIOR_SMOOTHING, PRIOR_WEIGHT
         terms = self.query_terms(question, expand)
         if not terms:
             return []
         rows = self.con.execute(
             "SELECT a.law, a.article, bm25(articles_fts, 2.0, 1.0) AS s, a.text FROM articles_fts "
             "JOIN articles a ON a.id = articles_fts.rowid WHERE articles_fts MATCH ? ORDER BY s LIMIT ?",
-            (fts_query(terms), k)).fetchall()
-        return [Hit(law, article, round(-s, 4), text) for law, article, s, text in rows]
+            (fts_query(terms), max(k, PRIOR_POOL) if prior else k)).fetchall()
+        hits = [Hit(law, article, round(-s, 4), text) for law, article, s, text in rows]
+        if prior:
+            total = sum(LAW_PRIOR.values()) + PRIOR_SMOOTHING
+            for h in hits:
+                h.score = round(h.score + PRIOR_WEIGHT * math.log((LAW_PRIOR.get(h.law, 0) + PRIOR_SMOOTHING) / total), 4)
+            hits.sort(key=lambda h: -h.score)
+        return hits[:k]

@@ -243,3 +243,33 @@ def test_queue_time_is_the_wait_for_a_running_slot(glm_model):
         assert 0 < second.queue_seconds < total and first.completion_tokens == 40
     finally:
         engine.stop()
+
+
+def test_overlap_wastes_no_step_on_a_known_last_token_and_matches_sync(glm_model):
+    """Overlapped steps: a sequence at its token limit is not decoded again while its last token is in flight
+    (one prefill + 4 decodes for 5 tokens), and greedy output equals the synchronous engine's."""
+    prompts, lens = prompts_and_lens(6, seed=3)
+    outs = {}
+    for overlap in (True, False):
+        engine = started(glm_model, overlap=overlap, max_num_seqs=4, max_prefill_tokens=32)
+        try:
+            assert engine.overlap is overlap
+            before = engine.stats().steps
+            (lone,) = run_engine(engine, [GenerationRequest([5, 6, 7], GREEDY, 5, ignore_eos=True)])
+            assert lone.completion_tokens == 5 and engine.stats().steps - before == 5
+            outs[overlap] = [c.token_ids for c in run_engine(engine, [GenerationRequest(p, GREEDY, n)
+                                                                      for p, n in zip(prompts, lens)])]
+        finally:
+            engine.stop()
+    assert outs[True] == outs[False] == hf_greedy(glm_model, prompts, lens)
+
+
+def test_scheduler_does_not_readmit_a_sequence_whose_token_is_in_flight():
+    bm = BlockManager(num_blocks=64, block_size=16)
+    sched = Scheduler(bm, max_num_seqs=8, max_prefill_tokens=64)
+    seq = Sequence(list(range(5)) + [-1], GREEDY, 50, seed=0)
+    seq.pending_row = 0                            # preempted while its last token is still on the device
+    sched.add(seq)
+    assert not sched.schedule()
+    seq.token_ids[-1], seq.pending_row = 9, None
+    assert sched.schedule().prefill == [(seq, 6)]

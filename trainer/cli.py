@@ -33,7 +33,7 @@ def cmd_eval(a) -> int:
     from .evaluate import evaluate, print_report, write_report
     report = evaluate(a.model_dir, a.data_dir, split=a.split, compare=a.compare, max_new_tokens=a.max_new_tokens,
                       limit=a.limit, device=a.device, trust_remote_code=a.trust_remote_code, retrieval=a.retrieval,
-                      retrieval_k=a.retrieval_k)
+                      retrieval_k=a.retrieval_k, cite_questions=a.cite_questions)
     print_report(report)
     if a.output:
         write_report(report, Path(a.output))
@@ -105,6 +105,9 @@ def add_commands(sub) -> None:
     s.add_argument("--retrieval", default=None, metavar="INDEX",
                    help="a `lawchat index` file: also score each model with the retrieved articles in the prompt")
     s.add_argument("--retrieval-k", type=int, default=3)
+    s.add_argument("--cite-questions", default=None, metavar="JSONL",
+                   help="labelled everyday questions ({question, governing: [{law, article}]}): also report the share "
+                        "of answers naming a governing article (e.g. trainer/data/retrieval_questions.jsonl)")
     s.add_argument("--output", default=None, help="write the report as JSON here, with NAME_side_by_side.jsonl (both models' "
                    "answers) and NAME_scores.png (bar chart) next to it")
     add_trust_remote_code(s)

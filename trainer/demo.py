@@ -14,13 +14,20 @@ from pathlib import Path
 
 import yaml
 
+from lawchat_server import legal_terms
+from lawchat_server.retrieval import SCHEMA_VERSION
+
 from . import base_model, demo_corpus
 from . import evaluate as eval_
 from .finetune import finetune
 from .merge import merge
 from .prepare import prepare, print_report
 
+LEGAL_TERMS = Path(legal_terms.__file__)
+
 STAMP = ".lawchat_step.json"
+INDEX_FILE = "laws.sqlite"      # runs/demo/index/laws.sqlite: every article in force, for context and citations
+CITE_QUESTIONS = Path(__file__).parent / "data" / "retrieval_questions.jsonl"
 SAMPLE_QUESTION = "劳动合同法第三十九条是怎么规定的？"
 
 
@@ -68,14 +75,46 @@ def build_base(cfg: dict, out: Path) -> dict:
     return info
 
 
-def build_data(cfg: dict, out: Path) -> dict:
+def build_index(out: Path) -> dict:
+    from lawchat_server.retrieval import build_index as build
+    meta = build(out / INDEX_FILE, demo_corpus.find_laws_db())
+    log(f"retrieval index: {meta['articles']} articles in {meta['build_seconds']} s")
+    return {"articles": meta["articles"]}
+
+
+def cite_context(rows: list[dict], index: Path, ctx: dict) -> list[dict]:
+    """Everyday replies start by naming the articles their prompt's context shows ("依据《…》第…条：…"), so the
+    model learns to answer from the articles it is given and to say which (the statute replies already do)."""
+    from lawchat_server.prompt import with_context
+    from lawchat_server.retrieval import Retriever
+
+    from .prepare import CharTokens, build_prompt, clean_text
+    ret = Retriever(index)
+    out = []
+    for row in rows:
+        prompt = build_prompt(clean_text(row["title"]), clean_text(row["question"]))
+        hits = ret.search(prompt, ctx["top_k"])
+        shown = with_context([{"role": "user", "content": prompt}], [(h.heading, h.text) for h in hits], CharTokens,
+                             ctx["max_chars"])[-1]["content"]
+        headings = [h.heading for h in hits if h.heading in shown]
+        out.append({**row, "reply": f"依据{'、'.join(headings)}：{row['reply']}"} if headings else row)
+    return out
+
+
+def build_data(cfg: dict, workdir: Path, out: Path) -> dict:
     articles = demo_corpus.read_articles(demo_corpus.find_laws_db(), cfg["laws"])
-    clean = demo_corpus.statute_rows(articles, cfg["questions_per_article"], cfg["seed"]) + demo_corpus.everyday_rows()
+    ctx = cfg.get("context")
+    index = workdir / "index" / INDEX_FILE
+    everyday = demo_corpus.everyday_rows()
+    if ctx:
+        everyday = cite_context(everyday, index, ctx)
+    clean = demo_corpus.statute_rows(articles, cfg["questions_per_article"], cfg["seed"]) + everyday
     csv_path = out / "lawzhidao_sample.csv"
     demo_corpus.write_lawzhidao_csv(clean + demo_corpus.messy_rows(clean), csv_path)
-    report = prepare(csv_path, out / "prepared", seed=cfg["seed"])
+    kw = dict(with_context=index, context_k=ctx["top_k"], context_chars=ctx["max_chars"]) if ctx else {}
+    report = prepare(csv_path, out / "prepared", seed=cfg["seed"], **kw)
     print_report(report)
-    return {"rows": report.rows_read, "kept": report.kept, "dropped": report.dropped}
+    return {"rows": report.rows_read, "kept": report.kept, "dropped": report.dropped, "context": ctx}
 
 
 def build_adapter(cfg: dict, workdir: Path, out: Path) -> dict:
@@ -90,8 +129,12 @@ def build_merged(workdir: Path, out: Path) -> dict:
     return {"adapter": str(workdir / "lora" / "final"), "base": str(workdir / "base")}
 
 
-def build_eval(workdir: Path, out: Path) -> dict:
-    report = eval_.evaluate(workdir / "merged", workdir / "data" / "prepared", split="test", compare=workdir / "base")
+def build_eval(cfg: dict, workdir: Path, out: Path) -> dict:
+    ctx = cfg.get("context")
+    kw = dict(retrieval=workdir / "index" / INDEX_FILE, retrieval_k=ctx["top_k"], cite_questions=CITE_QUESTIONS,
+              max_context_tokens=ctx["max_chars"]) if ctx else {}
+    report = eval_.evaluate(workdir / "merged", workdir / "data" / "prepared", split="test", compare=workdir / "base",
+                            **kw)
     eval_.print_report(report, file=sys.stderr)
     eval_.write_report(report, out / "report.json")
     return report["models"]
@@ -109,15 +152,18 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
     everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
     base_key = digest(cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"], cfg["pretrain"],
                       cfg["pretrain_qa_per_article"], cfg["seed"], everyday)
-    data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday)
+    index_key = digest(SCHEMA_VERSION, LEGAL_TERMS.read_text(encoding="utf-8"))
+    data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday, cfg.get("context"),
+                      index_key if cfg.get("context") else None)
     adapter_key = digest(base_key, data_key, cfg["finetune"])
     merged_key = digest(adapter_key)
     steps = [   # (name, key of its inputs, build(out) -> info stamped beside the output)
         ("base", base_key, lambda out: build_base(cfg, out)),
-        ("data", data_key, lambda out: build_data(cfg, out)),
+        ("index", index_key, build_index),
+        ("data", data_key, lambda out: build_data(cfg, workdir, out)),
         ("lora", adapter_key, lambda out: build_adapter(cfg, workdir, out)),
         ("merged", merged_key, lambda out: build_merged(workdir, out)),
-        ("eval", merged_key, lambda out: build_eval(workdir, out)),
+        ("eval", digest(merged_key, cfg.get("context")), lambda out: build_eval(cfg, workdir, out)),
     ]
     t_all = time.time()
     for i, (name, key, build) in enumerate(steps, 1):

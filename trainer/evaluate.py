@@ -38,6 +38,20 @@ def cite_share(hypotheses: list[str], references: list[str]) -> float | None:
     return round(100 * sum(scored) / len(scored), 2) if scored else None
 
 
+def load_cite_questions(path: str | Path) -> list[dict]:
+    """JSONL of {"question", "governing": [{"law", "article"}, ...]} (trainer/data/retrieval_questions.jsonl's format)."""
+    items = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items or not all(it.get("question") and it.get("governing") for it in items):
+        raise ValueError(f"{path}: expected lines of {{question, governing: [{{law, article}}]}}")
+    return items
+
+
+def governing_share(answers: list[str], items: list[dict]) -> float:
+    """% of answers that name (《law》第…条) at least one of their question's governing articles."""
+    hits = [bool(cited(a) & {(g["law"], g["article"]) for g in it["governing"]}) for a, it in zip(answers, items)]
+    return round(100 * sum(hits) / len(hits), 2)
+
+
 def score(hypotheses: list[str], references: list[str]) -> Scores:
     """Mean per-example ROUGE F and BLEU-4 (nltk, smoothing method3) over jieba tokens, ×100."""
     import jieba
@@ -70,8 +84,9 @@ def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens:
     from lawchat_server.prompt import with_context
 
     runner = load_runner(model_dir, device=device, trust_remote_code=trust_remote_code)
-    if contexts is not None:
-        prompts = [with_context(p, c, runner.tokenizer, max_context_tokens) for p, c in zip(prompts, contexts)]
+    if contexts is not None:     # at most half the model's length goes to articles, so the question still fits
+        budget = min(max_context_tokens, runner.max_len // 2)
+        prompts = [with_context(p, c, runner.tokenizer, budget) for p, c in zip(prompts, contexts)]
     engine = Engine(runner)
     engine.start()
     try:
@@ -85,8 +100,11 @@ def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens:
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", compare: str | Path | None = None,
              max_new_tokens: int = 256, limit: int | None = None, device: str = "cpu",
-             trust_remote_code: bool = False, retrieval: str | Path | None = None, retrieval_k: int = 3) -> dict:
-    """retrieval: a `lawchat index` file; every model is then scored without and with the articles in the prompt."""
+             trust_remote_code: bool = False, retrieval: str | Path | None = None, retrieval_k: int = 3,
+             cite_questions: str | Path | None = None, max_context_tokens: int = 512) -> dict:
+    """retrieval: a `lawchat index` file; every model is then scored without and with the articles in the prompt.
+    cite_questions: labelled everyday questions; each model (and mode) also answers them, scored by the share of
+    answers that name one of the question's governing articles."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no split file {path}; run `lawchat prepare` first")
@@ -96,18 +114,29 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", c
     prompts, refs = [c[:-1] for c in convs], [c[-1]["content"] for c in convs]
     report = {"split": str(path), "models": {}, "compare": str(compare) if compare is not None else None,
               "answers": [{"question": p[-1]["content"], "reference": r} for p, r in zip(prompts, refs)]}
+    everyday = load_cite_questions(cite_questions) if cite_questions is not None else []
+    questions = [[{"role": "user", "content": it["question"]}] for it in everyday]
+    n = len(prompts)
     runs = [(str(m), None) for m in (compare, model_dir) if m is not None]
     if retrieval is not None:
         from lawchat_server.retrieval import Retriever
         ret = Retriever(retrieval)
-        contexts = [[(h.heading, h.text) for h in ret.search(p[-1]["content"], retrieval_k)] for p in prompts]
+        contexts = [[(h.heading, h.text) for h in ret.search(p[-1]["content"], retrieval_k)] for p in prompts + questions]
         runs += [(f"{m} +retrieval", contexts) for m, _ in list(runs)]
+    if everyday:
+        report["everyday"] = {"questions": str(cite_questions), "models": {},
+                              "answers": [{"question": it["question"], "governing": it["governing"]} for it in everyday]}
     for name, ctx in runs:
         model = Path(name.removesuffix(" +retrieval"))
-        hyps = generate_answers(model, prompts, max_new_tokens, device, trust_remote_code, contexts=ctx)
-        report["models"][name] = asdict(score(hyps, refs))
-        for row, h in zip(report["answers"], hyps):
+        hyps = generate_answers(model, prompts + questions, max_new_tokens, device, trust_remote_code, contexts=ctx,
+                                max_context_tokens=max_context_tokens)
+        report["models"][name] = asdict(score(hyps[:n], refs))
+        for row, h in zip(report["answers"], hyps[:n]):
             row[name] = h
+        if everyday:
+            report["everyday"]["models"][name] = governing_share(hyps[n:], everyday)
+            for row, h in zip(report["everyday"]["answers"], hyps[n:]):
+                row[name] = h
     return report
 
 
@@ -119,6 +148,11 @@ def print_report(report: dict, file=sys.stdout) -> None:
         cites = "-" if s.get("cites_governing") is None else s["cites_governing"]
         print(f"| {name} | {s['examples']} | {s['rouge_1']} | {s['rouge_2']} | {s['rouge_l']} | {s['bleu_4']} | {cites} |",
               file=file)
+    if report.get("everyday"):
+        e = report["everyday"]
+        print(f"\n{len(e['answers'])} everyday questions ({e['questions']}): answers naming a governing article", file=file)
+        for name, share in e["models"].items():
+            print(f"| {name} | {share}% |", file=file)
 
 
 def write_report(report: dict, out: Path) -> list[Path]:

@@ -19,6 +19,9 @@ class EngineConfig:
     fused_ops: bool = True                  # CUDA: Triton kernels for add+RMSNorm, rotary+KV write, SiLU*up
     separate_process: bool = True           # `lawchat serve`: the engine in its own process, gRPC in this one
     fast_path: bool = True                  # false: always run the model through HF modules (generic path)
+    overlap: bool = True                    # fast path: prepare and launch step N+1 while step N runs on the GPU
+                                            # (the sampled ids stay on the device as the next inputs; an EOS is
+                                            # seen one step late, its extra token dropped)
 
     def validate(self) -> None:
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1 or self.max_waiting < 0:

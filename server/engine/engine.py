@@ -2,8 +2,11 @@
 
 Three parties, each on its own thread:
 - callers (the gRPC event loop) submit a `GenerationRequest` through `stream()` and read `Chunk`s;
-- the engine thread loops: take new sequences, drop aborted ones, `Scheduler.schedule()`, `runner.execute()`,
-  append the sampled tokens, finish sequences on EOS / max tokens (continuous batching: every step);
+- the engine thread loops: take new sequences, drop aborted ones, `Scheduler.schedule()`, `runner.launch()`,
+  then finish the previous step: append its sampled tokens, finish sequences on EOS / max tokens (continuous
+  batching: every step). With `overlap` (fast path) the host prepares and launches step N+1 before waiting for
+  step N's ids — the GPU never idles on Python; a sequence's token from step N is PENDING in step N+1's input
+  (read on the device), and an EOS is seen one step late (the extra token is dropped);
 - the output thread turns each step's token ids into text (incremental detokenizer, stop sequences) and hands
   the chunks to the callers' event loops, one callback per loop per step. A caller that reads slower than
   tokens arrive gets the queued deltas merged into one message.
@@ -24,7 +27,7 @@ from .config import EngineConfig
 from .detokenizer import make_detokenizer
 from .sampler import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import PENDING, Sequence, Status
 from .stopping import StopSequenceMatcher
 
 log = logging.getLogger("lawchat.engine")
@@ -154,7 +157,8 @@ class Engine:
         self._closed = False
         self._batch_size = 0
         self._steps = 0
-        self.timing = {"schedule": 0.0, "execute": 0.0, "advance": 0.0}   # engine-thread seconds, for profiling
+        self.overlap = self.config.overlap and getattr(runner, "overlap", False)
+        self.timing = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "advance": 0.0}   # engine-thread s, profiling
         self._thread = threading.Thread(target=self._loop, name="lawchat-engine", daemon=True)
         self._out_thread = threading.Thread(target=self._process_outputs, name="lawchat-detok", daemon=True)
 
@@ -245,10 +249,11 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        sched = self.scheduler
+        sched, tm = self.scheduler, self.timing
+        in_flight = None                       # (step, handle) launched and not yet finished (overlap)
         while True:
             with self._cond:
-                while not self._closed and not self._inbox and not sched.has_work():
+                while not self._closed and not self._inbox and not sched.has_work() and in_flight is None:
                     self._cond.wait()
                 if self._closed:
                     break
@@ -261,30 +266,62 @@ class Engine:
             step = sched.schedule()
             for seq in step.preempted:
                 self.runner.release(seq)
-            if not step:
-                time.sleep(0.001)          # everything waits for blocks held by sequences being dropped
-                continue
-            self._batch_size = len(step.prefill) + len(step.decode)
             t1 = time.perf_counter()
-            try:
-                sampled, tokens = self.runner.execute(step.prefill, step.decode)
-            except Exception as e:    # never kill the loop: the step's requests get the error, others go on
-                log.exception("engine step failed (%d prefill, %d decode)", len(step.prefill), len(step.decode))
-                self._fail([s for s, _ in step.prefill] + step.decode, e)
-                continue
-            self._steps += 1
+            launched = self._launch(step) if step else None
             t2 = time.perf_counter()
-            self._advance(step, sampled, tokens)
+            if in_flight is not None:
+                self._finish(*in_flight)
+            if launched is not None and not self.overlap:
+                self._finish(step, launched)
+                launched = None
             t3 = time.perf_counter()
-            tm = self.timing
+            in_flight = (step, launched) if launched is not None else None
+            if not step and in_flight is None:
+                time.sleep(0.001)          # everything waits for blocks held by sequences being dropped
             tm["schedule"] += t1 - t0
-            tm["execute"] += t2 - t1
+            tm["launch"] += t2 - t1
             tm["advance"] += t3 - t2
+        if in_flight is not None:
+            self._finish(*in_flight)
         with self._cond:
             inbox, self._inbox = self._inbox, []
         self._fail(list(sched.running) + list(sched.waiting), EngineClosed("the server is shutting down"), inbox)
-        log.info("engine: %d steps; thread time schedule %.2f s, execute (forward+sample+sync) %.2f s, advance %.2f s",
-                 self._steps, *self.timing.values())
+        log.info("engine: %d steps (overlap %s); thread time schedule %.2f s, launch %.2f s, wait for ids %.2f s, "
+                 "finish (incl. wait) %.2f s", self._steps, self.overlap, *self.timing.values())
+
+    def _launch(self, step):
+        """Start the step on the runner and account for it at once: computed tokens advance, and each sampled
+        sequence gets a PENDING token (its row in the step) that the next step can already decode from."""
+        self._batch_size = len(step.prefill) + len(step.decode)
+        try:
+            handle = self.runner.launch(step.prefill, step.decode)
+        except Exception as e:    # never kill the loop: the step's requests get the error, others go on
+            log.exception("engine step failed (%d prefill, %d decode)", len(step.prefill), len(step.decode))
+            self._fail([s for s, _ in step.prefill] + step.decode, e)
+            return None
+        for seq, n in step.prefill:
+            seq.num_computed += n
+        for seq in step.decode:
+            seq.num_computed += 1
+        handle.slots = []
+        for row, seq in enumerate(handle.sampled):
+            seq.token_ids.append(PENDING)
+            seq.pending_row, seq.pending_handle = row, handle
+            handle.slots.append(len(seq) - 1)
+        return handle
+
+    def _finish(self, step, handle) -> None:
+        """Wait for a launched step's ids, put them in place of its PENDING tokens, finish sequences."""
+        t0 = time.perf_counter()
+        try:
+            sampled, tokens = handle.result()
+        except Exception as e:
+            log.exception("engine step failed at its sync (%d sequences)", len(handle.sampled))
+            self._fail([s for s in handle.sampled if s.status is not Status.FINISHED], e)
+            return
+        self.timing["wait"] += time.perf_counter() - t0
+        self._steps += 1
+        self._advance(step, handle, sampled, tokens)
 
     def _drop_aborted(self) -> None:
         sched = self.scheduler
@@ -293,21 +330,20 @@ class Engine:
             self.runner.release(seq)
             self._jobs.pop(seq.seq_id, None)
 
-    def _advance(self, step, sampled: list[Sequence], tokens: list[int]) -> None:
-        for seq, n in step.prefill:
-            seq.num_computed += n
-        for seq in step.decode:
-            seq.num_computed += 1
-        for seq in [s for s, _ in step.prefill] + step.decode:
-            self.blocks.register_full_blocks(seq)
+    def _advance(self, step, handle, sampled: list[Sequence], tokens: list[int]) -> None:
         eos = self.runner.eos_ids
         outputs = []
-        for seq, tok in zip(sampled, tokens):
-            seq.token_ids.append(tok)
+        for seq, tok, idx in zip(sampled, tokens, handle.slots):
+            if seq.status is Status.FINISHED:      # dropped, or finished a step ago (overlap): token discarded
+                continue
+            seq.token_ids[idx] = tok
+            if seq.pending_handle is handle:        # not in a later step: its last token is known now
+                seq.pending_row = seq.pending_handle = None
+            n_out = idx + 1 - seq.num_prompt
             finish = None
             if tok in eos and not seq.ignore_eos:
                 finish = EOS
-            elif seq.num_output >= seq.max_new_tokens:
+            elif n_out >= seq.max_new_tokens:
                 finish = MAX_TOKENS
             job = self._jobs.get(seq.seq_id)
             if finish is not None:
@@ -316,7 +352,10 @@ class Engine:
                 self.runner.release(seq)
                 self._jobs.pop(seq.seq_id, None)
             if job is not None:
-                outputs.append((job, tok, finish, seq.num_output))
+                outputs.append((job, tok, finish, n_out))
+        for seq in [s for s, _ in step.prefill] + step.decode:
+            if seq.status is Status.RUNNING:       # every token it has computed is known now: hash full blocks
+                self.blocks.register_full_blocks(seq)
         if outputs:
             self._outputs.put(outputs)
 

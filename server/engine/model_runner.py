@@ -2,8 +2,11 @@
 
 `load_runner` picks the path: `FastRunner` (lawchat's own GLM/Llama/Qwen2 decoder on a paged KV cache, the
 decode step captured in CUDA graphs per batch-size bucket) or `HFRunner` (any other causal LM through HF
-modules, one sequence at a time). Both expose `execute(prefill, decode) -> (sampled sequences, token ids)`,
-with one host sync per step: the sampled ids that streaming needs.
+modules, one sequence at a time). Both expose `launch(prefill, decode) -> StepHandle` and `execute()` (launch and
+wait), with one host sync per step: the sampled ids that streaming needs. The fast path's launch returns before
+the GPU is done (the ids are copied to pinned memory behind the step), and a decode row whose last token is
+still PENDING reads it from the previous step's sampled ids on the device — so the engine can prepare step N+1
+while step N runs.
 """
 from __future__ import annotations
 
@@ -19,6 +22,30 @@ from .config import EngineConfig
 from .model import FastModel, supports_fast_path
 from .sampler import SamplingBatch, SamplingParams, sample
 from .sequence import Sequence
+
+
+class StepHandle:
+    """One launched step: `result()` waits for its sampled ids -> (sampled sequences, token ids)."""
+
+    def __init__(self, sampled: list[Sequence], tokens: torch.Tensor | None = None):
+        self.sampled = sampled
+        self.event = None
+        if tokens is None:
+            self.host = None
+        elif tokens.is_cuda:   # copy behind the step; only this copy is waited for, not later steps
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tokens
+
+    def result(self) -> tuple[list[Sequence], list[int]]:
+        if self.host is None:
+            return [], []
+        if self.event is not None:
+            self.event.synchronize()
+        return self.sampled, self.host.tolist()
 
 log = logging.getLogger("lawchat.engine")
 
@@ -79,6 +106,11 @@ class BaseRunner:
         self.prefix_caching = False
         self.attention_backend = "hf"
         self.graph_batch_sizes: list[int] = []
+        self.overlap = False            # launch() may return before the step is done (fast path only)
+
+    def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """launch() and wait for the sampled ids."""
+        return self.launch(prefill, decode).result()
 
     @staticmethod
     def _eos_ids(hf_config, generation_config, tokenizer) -> frozenset[int]:
@@ -132,6 +164,8 @@ class FastRunner(BaseRunner):
             torch.cuda.empty_cache()
         s = self.model.shape
         self.prefix_caching = config.enable_prefix_caching
+        self.overlap = config.overlap
+        self.last_tokens: torch.Tensor | None = None    # the last launched step's sampled ids, on the device
         self.attention_backend = ("triton" if device.type == "cuda" else "torch") if config.attention == "auto" \
             else config.attention
         if self.attention_backend == "triton" and device.type != "cuda":
@@ -173,7 +207,7 @@ class FastRunner(BaseRunner):
 
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    def launch(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> StepHandle:
         sampled: list[Sequence] = []
         logits = []
         if prefill:
@@ -184,10 +218,19 @@ class FastRunner(BaseRunner):
             logits.append(self._decode(decode))
             sampled += decode
         if not sampled:
-            return [], []
+            return StepHandle([])
         all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         tokens = sample(all_logits, self.sampling_batch(sampled))
-        return sampled, tokens.tolist()          # the one host sync of the step
+        self.last_tokens = tokens
+        return StepHandle(sampled, tokens)       # its result() is the one host sync of the step
+
+    def _pending_ids(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of seqs whose last token is PENDING, their rows in the last step's ids), on the device."""
+        rows = [(i, s.pending_row) for i, s in enumerate(seqs) if s.pending_row is not None]
+        if not rows:
+            return None
+        idx = torch.tensor(rows, dtype=torch.int64).T.to(self.device, non_blocking=True)
+        return idx[0], idx[1]
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -227,14 +270,19 @@ class FastRunner(BaseRunner):
         # a decoding sequence holds exactly ceil(len / block_size) blocks; shorter rows are padded with block 0
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
         bucket = next((g for g in self.graph_batch_sizes if g >= b), None)
+        pending = self._pending_ids(seqs)
         if bucket is None:   # eager: CPU, or a batch above the largest graph
             dev = self.device
             host, tables = host.to(dev, non_blocking=True), tables.to(dev, non_blocking=True)
+            if pending is not None:
+                host[0].index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
             meta = AttentionMetadata(slot_mapping=host[2], decode=True, block_tables=tables,
                                      context_lens=host[3].to(torch.int32), use_triton=self.attention_backend == "triton",
                                      num_splits=self._splits(b))
             return self.model.forward(host[0], host[1], self.kv_cache, meta)
         self._fill_graph_inputs(host, tables, b, bucket)
+        if pending is not None:
+            self.g_ids.index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
         graph, out = self.graphs[bucket]
         graph.replay()
         return out[:b]
@@ -310,7 +358,7 @@ class HFRunner(BaseRunner):
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
-    def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    def launch(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> StepHandle:
         sampled, logits = [], []
         for seq, n in prefill:
             lg = self._forward(seq, seq.token_ids[seq.num_computed:seq.num_computed + n])
@@ -321,6 +369,6 @@ class HFRunner(BaseRunner):
             sampled.append(seq)
             logits.append(self._forward(seq, [seq.last_token]))
         if not sampled:
-            return [], []
-        return sampled, sample(torch.stack(logits), self.sampling_batch(sampled)).tolist()
+            return StepHandle([])
+        return StepHandle(sampled, sample(torch.stack(logits), self.sampling_batch(sampled)))
 

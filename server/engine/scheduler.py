@@ -76,6 +76,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.num_pending == 1]:
             if seq.status is not Status.RUNNING:      # preempted by an earlier sequence of this loop
                 continue
+            if seq.num_output >= seq.max_new_tokens:  # its last token is in flight (overlap): it finishes with it
+                continue
             if not self._make_room(seq, bm.blocks_needed(seq, len(seq)), step, scheduled):
                 self._preempt(seq, step)
                 continue
@@ -103,6 +105,8 @@ class Scheduler:
         watermark = max(1, bm.num_total // 100) if self.running else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.pending_row is not None:           # preempted with a token still in flight: next step
+                break
             bm.match_prefix(seq)
             n = self._fit(seq, min(seq.num_pending, budget), reserve=watermark)
             if n == 0:

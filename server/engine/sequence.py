@@ -8,6 +8,7 @@ from enum import Enum
 from .sampler import SamplingParams
 
 _ids = itertools.count()
+PENDING = -1          # a sampled token still on the device (overlapped steps): its value comes one step later
 
 
 class Status(Enum):
@@ -36,6 +37,8 @@ class Sequence:
                                               # sequence matched): the engine drops it at its next step
         self.preemptions = 0
         self.arrival = time.monotonic()
+        self.pending_row: int | None = None   # the last token is PENDING: its row in the last launched step
+        self.pending_handle = None            # ... of that step
         self.queue_seconds: float | None = None   # arrival -> first admitted to the running set
 
     def __len__(self) -> int:
