@@ -38,6 +38,11 @@ PROFILES = {
     "lora.yaml, lora_dropout 0, torch_compile": ("lora.yaml", {"peft_config": "dropout0"}, {"torch_compile": True}),
     "lora.yaml, lora_dropout 0, batch 24": ("lora.yaml", {"peft_config": "dropout0"},
                                             {"per_device_train_batch_size": 24}),
+    "lora.yaml, lora_dropout 0, liger": ("lora.yaml", {"peft_config": "dropout0", "liger_kernel": True}, {}),
+    "lora.yaml, lora_dropout 0, liger, batch 24": ("lora.yaml", {"peft_config": "dropout0", "liger_kernel": True},
+                                                   {"per_device_train_batch_size": 24}),
+    "lora.yaml, lora_dropout 0, liger, batch 32": ("lora.yaml", {"peft_config": "dropout0", "liger_kernel": True},
+                                                   {"per_device_train_batch_size": 32}),
 }
 
 
@@ -69,7 +74,7 @@ def run_profile(name: str, model: Path, data: Path, work: Path, steps: int, worl
     base, top, targs = PROFILES[name]
     cfg = yaml.safe_load((ROOT / "configs" / base).read_text(encoding="utf-8"))
     if top.get("peft_config") == "dropout0":
-        top = {}
+        top = {k: v for k, v in top.items() if k != "peft_config"}
         cfg["peft_config"]["lora_dropout"] = 0.0
     cfg.update(top)
     cfg["data_config"].update(val_file=None, test_file=None)

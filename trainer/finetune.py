@@ -35,6 +35,7 @@ class FinetuneConfig:
     training_args: dict = field(default_factory=dict)
     peft_config: dict = field(default_factory=dict)
     batching: str = "grouped"    # lawchat's addition (trainer/collate.py): grouped | packed | padded
+    liger_kernel: bool = False   # lawchat's addition (trainer/kernels.py): liger-kernel's fused kernels, CUDA
 
 
 BATCHING = ("grouped", "packed", "padded")
@@ -50,7 +51,8 @@ def load_config(path: str | Path) -> FinetuneConfig:
     if not path.is_file():
         raise FinetuneError(f"no such config: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "batching"}
+    known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "batching",
+             "liger_kernel"}
     unknown = set(raw) - known
     if unknown:
         raise FinetuneError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -64,7 +66,8 @@ def load_config(path: str | Path) -> FinetuneConfig:
                          max_output_length=int(raw.get("max_output_length", 512)),
                          training_args=dict(raw.get("training_args") or {}),
                          peft_config=dict(raw.get("peft_config") or {}),
-                         batching=raw.get("batching", FinetuneConfig.batching))
+                         batching=raw.get("batching", FinetuneConfig.batching),
+                         liger_kernel=bool(raw.get("liger_kernel", FinetuneConfig.liger_kernel)))
     if cfg.batching not in BATCHING:
         raise FinetuneError(f"{path}: batching must be one of {list(BATCHING)}, got {cfg.batching!r}")
     if cfg.peft_config.get("peft_type", "LORA") != "LORA":
@@ -158,6 +161,9 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
                                                  trust_remote_code=trust_remote_code)
     model.config.use_cache = False    # training needs no KV cache; with one, transformers skips the packed-sequence mask
+    if cfg.liger_kernel:
+        from .kernels import apply_liger
+        print(f"train: liger-kernel: {apply_liger(model)}", file=sys.stderr)
     peft_cfg = dict(cfg.peft_config)
     if not peft_cfg.get("target_modules") and model.config.model_type in DEFAULT_TARGET_MODULES:
         peft_cfg["target_modules"] = DEFAULT_TARGET_MODULES[model.config.model_type]

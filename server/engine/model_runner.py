@@ -125,6 +125,13 @@ class BaseRunner:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return encode_prompt(self.tokenizer, messages)
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device without a stream sync: a pageable-memory copy would wait for the steps already queued
+        (and so undo the overlap); a pinned one is asynchronous."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         temps = [s.sampling.temperature for s in seqs]
         all_greedy = all(t == 0.0 for t in temps)
@@ -135,7 +142,7 @@ class BaseRunner:
         top_k = [s.sampling.top_k for s in seqs]
         ints = torch.tensor([top_k, [s.seed for s in seqs], [s.num_output for s in seqs]], dtype=torch.int64)
         floats = torch.tensor([temps, top_p], dtype=torch.float32)
-        ints, floats = ints.to(self.device, non_blocking=True), floats.to(self.device, non_blocking=True)
+        ints, floats = self.to_device(ints), self.to_device(floats)
         any_filter = any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p)
         return SamplingBatch(floats[0], floats[1], ints[0], ints[1], ints[2], False, any_filter)
 
@@ -229,7 +236,7 @@ class FastRunner(BaseRunner):
         rows = [(i, s.pending_row) for i, s in enumerate(seqs) if s.pending_row is not None]
         if not rows:
             return None
-        idx = torch.tensor(rows, dtype=torch.int64).T.to(self.device, non_blocking=True)
+        idx = self.to_device(torch.tensor(rows, dtype=torch.int64).T.contiguous())
         return idx[0], idx[1]
 
     def _slot(self, seq: Sequence, pos: int) -> int:
@@ -242,22 +249,21 @@ class FastRunner(BaseRunner):
         seqs: list[PrefillSeq] = []
         rows: list[int] = []
         sampled: list[Sequence] = []
-        dev = self.device
         for seq, n in chunks:
             start = seq.num_computed
             q_start = len(ids)
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
             slots += [self._slot(seq, p) for p in range(start, start + n)]
-            table = torch.tensor(seq.block_table, dtype=torch.int64, device=dev) if start else None
+            table = self.to_device(torch.tensor(seq.block_table, dtype=torch.int64)) if start else None
             seqs.append(PrefillSeq(q_start, n, start, table))
             if start + n == len(seq):
                 rows.append(len(ids) - 1)
                 sampled.append(seq)
-        host = torch.tensor([ids, pos, slots], dtype=torch.int64).to(dev, non_blocking=True)
+        host = self.to_device(torch.tensor([ids, pos, slots], dtype=torch.int64))
         meta = AttentionMetadata(slot_mapping=host[2], decode=False, prefill=seqs)
         logits = self.model.forward(host[0], host[1], self.kv_cache, meta,
-                                    torch.tensor(rows, dtype=torch.int64, device=dev))
+                                    self.to_device(torch.tensor(rows, dtype=torch.int64)))
         return logits, sampled
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -272,8 +278,7 @@ class FastRunner(BaseRunner):
         bucket = next((g for g in self.graph_batch_sizes if g >= b), None)
         pending = self._pending_ids(seqs)
         if bucket is None:   # eager: CPU, or a batch above the largest graph
-            dev = self.device
-            host, tables = host.to(dev, non_blocking=True), tables.to(dev, non_blocking=True)
+            host, tables = self.to_device(host), self.to_device(tables)
             if pending is not None:
                 host[0].index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
             meta = AttentionMetadata(slot_mapping=host[2], decode=True, block_tables=tables,
@@ -296,12 +301,12 @@ class FastRunner(BaseRunner):
         return min(16, 1 << (want.bit_length() - 1))
 
     def _fill_graph_inputs(self, host: torch.Tensor, tables: torch.Tensor, b: int, bucket: int) -> None:
-        dev_host = host.to(self.device, non_blocking=True)
+        dev_host = self.to_device(host)
         self.g_ids[:b].copy_(dev_host[0])
         self.g_pos[:b].copy_(dev_host[1])
         self.g_slots[:b].copy_(dev_host[2])
         self.g_ctx[:b].copy_(dev_host[3])
-        self.g_tables[:b, :tables.shape[1]].copy_(tables.to(self.device, non_blocking=True))
+        self.g_tables[:b, :tables.shape[1]].copy_(self.to_device(tables))
         if bucket > b:   # padded rows: one token in the scratch block 0
             self.g_ids[b:bucket].zero_()
             self.g_pos[b:bucket].zero_()
