@@ -273,3 +273,21 @@ def test_scheduler_does_not_readmit_a_sequence_whose_token_is_in_flight():
     assert not sched.schedule()
     seq.token_ids[-1], seq.pending_row = 9, None
     assert sched.schedule().prefill == [(seq, 6)]
+
+
+def test_eos_in_the_step_before_a_prefill_chunk_ends_the_stream_cleanly(glm_model):
+    """Overlap: a stream whose token in flight is its EOS, while the next step carries another prompt's chunk,
+    ends at that EOS; the other request is unaffected."""
+    short = [5, 6, 7, 8]
+    long_prompt = [int(t) for t in torch.randint(10, 1500, (200,), generator=torch.Generator().manual_seed(4))]
+    (ref_short, ref_long) = hf_greedy(glm_model, [short, long_prompt], [12, 6])
+    stop = next(i for i, t in enumerate(ref_short) if i >= 2 and t not in ref_short[:i])
+    engine = started(glm_model, max_num_seqs=4, max_prefill_tokens=16)
+    try:
+        engine.runner.eos_ids = frozenset({ref_short[stop]})
+        a, b = run_engine(engine, [GenerationRequest(short, GREEDY, 12), GenerationRequest(long_prompt, GREEDY, 6,
+                                                                                            ignore_eos=True)])
+        assert a.finish_reason == "eos" and a.token_ids == ref_short[:stop + 1]
+        assert b.token_ids == ref_long
+    finally:
+        engine.stop()

@@ -266,6 +266,13 @@ class Engine:
             step = sched.schedule()
             for seq in step.preempted:
                 self.runner.release(seq)
+            if in_flight is not None and step.prefill:
+                # a prefill step takes long to launch and to run: first hand out the in-flight step's tokens
+                # (their streams should not wait for it), then drop what that finished from this step
+                self._finish(*in_flight)
+                in_flight = None
+                step.prefill = [(s, n) for s, n in step.prefill if s.status is Status.RUNNING]
+                step.decode = [s for s in step.decode if s.status is Status.RUNNING]
             t1 = time.perf_counter()
             launched = self._launch(step) if step else None
             t2 = time.perf_counter()
