@@ -43,6 +43,8 @@ PROFILES = {
                                                    {"per_device_train_batch_size": 24}),
     "lora.yaml, lora_dropout 0, liger, batch 32": ("lora.yaml", {"peft_config": "dropout0", "liger_kernel": True},
                                                    {"per_device_train_batch_size": 32}),
+    "lora.yaml as shipped": ("lora.yaml", {}, {}),
+    "lora.yaml as shipped, batch 28": ("lora.yaml", {}, {"per_device_train_batch_size": 28}),
 }
 
 

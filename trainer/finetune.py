@@ -35,7 +35,8 @@ class FinetuneConfig:
     training_args: dict = field(default_factory=dict)
     peft_config: dict = field(default_factory=dict)
     batching: str = "grouped"    # lawchat's addition (trainer/collate.py): grouped | packed | padded
-    liger_kernel: bool = False   # lawchat's addition (trainer/kernels.py): liger-kernel's fused kernels, CUDA
+    liger_kernel: bool | str = False   # lawchat's addition (trainer/kernels.py): true | false | auto (on with CUDA
+                                       # and the liger-kernel package)
 
 
 BATCHING = ("grouped", "packed", "padded")
@@ -67,7 +68,9 @@ def load_config(path: str | Path) -> FinetuneConfig:
                          training_args=dict(raw.get("training_args") or {}),
                          peft_config=dict(raw.get("peft_config") or {}),
                          batching=raw.get("batching", FinetuneConfig.batching),
-                         liger_kernel=bool(raw.get("liger_kernel", FinetuneConfig.liger_kernel)))
+                         liger_kernel=raw.get("liger_kernel", FinetuneConfig.liger_kernel))
+    if cfg.liger_kernel not in (True, False, "auto"):
+        raise FinetuneError(f"{path}: liger_kernel must be true, false or auto, got {cfg.liger_kernel!r}")
     if cfg.batching not in BATCHING:
         raise FinetuneError(f"{path}: batching must be one of {list(BATCHING)}, got {cfg.batching!r}")
     if cfg.peft_config.get("peft_type", "LORA") != "LORA":
@@ -161,9 +164,11 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
                                                  trust_remote_code=trust_remote_code)
     model.config.use_cache = False    # training needs no KV cache; with one, transformers skips the packed-sequence mask
-    if cfg.liger_kernel:
-        from .kernels import apply_liger
+    from .kernels import apply_liger, liger_available
+    if cfg.liger_kernel is True or (cfg.liger_kernel == "auto" and liger_available()):
         print(f"train: liger-kernel: {apply_liger(model)}", file=sys.stderr)
+    elif cfg.liger_kernel == "auto":
+        print("train: liger-kernel: off (needs CUDA and `pip install 'lawchat[train-gpu]'`)", file=sys.stderr)
     peft_cfg = dict(cfg.peft_config)
     if not peft_cfg.get("target_modules") and model.config.model_type in DEFAULT_TARGET_MODULES:
         peft_cfg["target_modules"] = DEFAULT_TARGET_MODULES[model.config.model_type]

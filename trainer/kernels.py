@@ -7,7 +7,13 @@ so it gets GLM-4's patches module by module here.
 """
 from __future__ import annotations
 
+import importlib.util
 from types import MethodType
+
+
+def liger_available() -> bool:
+    import torch
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def apply_liger(model) -> str:
