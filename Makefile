@@ -4,7 +4,8 @@ PY          := $(VENV)/bin/python
 TORCH       ?= torch==2.13.0
 DEMO_CONFIG ?= configs/demo.yaml
 MODEL       ?= runs/demo/merged
-SERVE_ARGS  ?=
+# the demo model was trained with retrieved articles in its prompts: serve it with them (and their citations)
+SERVE_ARGS  ?= --retrieval-index runs/demo/index/laws.sqlite --retrieval-default
 PYTEST_ARGS ?=
 
 .PHONY: setup demo serve test protos lint clean

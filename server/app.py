@@ -236,7 +236,8 @@ def serve_from_cli(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = load_server_config(args.config, host=args.host, port=args.port, metrics_host=args.metrics_host,
                              metrics_port=args.metrics_port,
-                             device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                             device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                             retrieval={"index": args.retrieval_index, "default_enabled": args.retrieval_default})
     try:
         asyncio.run(serve(args.model, cfg))
     except OSError as e:

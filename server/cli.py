@@ -59,6 +59,9 @@ def add_commands(sub) -> None:
     s.add_argument("--metrics-port", type=int, default=None)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     s.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
+    s.add_argument("--retrieval-index", default=None, help="a `lawchat index` file (sets retrieval.index)")
+    s.add_argument("--retrieval-default", action="store_true", default=None,
+                   help="answer with retrieved articles unless a request says otherwise (retrieval.default_enabled)")
     s.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow the model dir's own code (default: the server config's trust_remote_code)")
     s.set_defaults(func=cmd_serve)

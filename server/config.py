@@ -103,7 +103,11 @@ def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
     try:
         cfg = build(ServerConfig, raw, "")
         for key, value in overrides.items():
-            if value is not None:
+            if isinstance(value, dict):          # a section: set the keys given (flags left unset are None)
+                for sub, v in value.items():
+                    if v is not None:
+                        setattr(getattr(cfg, key), sub, v)
+            elif value is not None:
                 setattr(cfg, key, value)
         cfg.validate()
     except ValueError as e:

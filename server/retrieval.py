@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -59,6 +60,28 @@ def find_laws_db() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"laws.db not found at {path}")
     return path
+
+
+REFERENCE = re.compile(r"([\u4e00-\u9fa5]{1,40}?(?:法|条例|规定|办法|法典))》?\s*第\s*([零〇一二三四五六七八九十百千\d]+)\s*条")
+REFERENCE_SCORE = 1000.0     # an article the question names outranks any BM25 match
+DIGITS = "零一二三四五六七八九"
+
+
+def chinese_number(n: int) -> str:
+    """39 -> 三十九, 1079 -> 一千零七十九, 10 -> 十 (article numbers as laws.db writes them)."""
+    if n < 10:
+        return DIGITS[n]
+    if n < 20:
+        return "十" + (DIGITS[n % 10] if n % 10 else "")
+    out, zero = "", False
+    for value, unit in ((1000, "千"), (100, "百"), (10, "十"), (1, "")):
+        d = n // value % 10
+        if d:
+            out += ("零" if zero and out else "") + DIGITS[d] + unit
+            zero = False
+        elif out:
+            zero = True
+    return out
 
 
 def _jieba():
@@ -182,9 +205,39 @@ class Retriever:
         drop = STOPWORDS | replaced_words(question)     # question words, and everyday words that have statute words
         return [(t, 1.0) for t in words if t not in drop] + expand_terms(question)
 
+    @property
+    def laws(self) -> set[str]:
+        """Every law name in the index (short form), for finding a named law inside a question."""
+        if getattr(self, "_laws", None) is None:
+            self._laws = {law for (law,) in self.con.execute("SELECT DISTINCT law FROM articles")}
+        return self._laws
+
+    def referenced(self, question: str) -> list[Hit]:
+        """Articles the question names outright (劳动合同法第三十九条, 《民法典》第1079条), looked up exactly."""
+        hits = []
+        for words, no in REFERENCE.findall(question):
+            law = next((words[i:] for i in range(len(words) - 1) if words[i:] in self.laws), None)   # 请问劳动合同法
+            if law is None:
+                continue
+            article = f"第{chinese_number(int(no)) if no.isdigit() else no}条"
+            row = self.con.execute("SELECT law, article, text FROM articles WHERE law = ? AND article = ? LIMIT 1",
+                                   (law, article)).fetchone()
+            if row and all((h.law, h.article) != row[:2] for h in hits):
+                hits.append(Hit(row[0], row[1], REFERENCE_SCORE, row[2]))
+        return hits
+
     def search(self, question: str, k: int = 5, expand: bool = True, prior: bool = True) -> list[Hit]:
-        """expand: everyday words also searched in the statutes' wording; prior: BM25's best PRIOR_POOL
-        re-ranked with the law-level prior (legal_terms.LAW_PRIOR). Both off = plain BM25."""
+        """Articles the question names come first (exact lookup); then BM25. expand: everyday words also searched
+        in the statutes' wording; prior: BM25's best PRIOR_POOL re-ranked with the law-level prior
+        (legal_terms.LAW_PRIOR). Both off = plain BM25 (after the exact references)."""
+        named = self.referenced(question)
+        if len(named) >= k:
+            return named[:k]
+        rest = [h for h in self._rank(question, k + len(named), expand, prior)
+                if all((h.law, h.article) != (n.law, n.article) for n in named)]
+        return named + rest[:k - len(named)]
+
+    def _rank(self, question: str, k: int, expand: bool, prior: bool) -> list[Hit]:
         from .legal_terms import LAW_PRIOR, PRIOR_POOL, PRIOR_SMOOTHING, PRIOR_WEIGHT
         terms = self.query_terms(question, expand)
         if not terms:

@@ -59,3 +59,19 @@ def test_bad_engine_settings_are_clear_errors(tmp_path, body, message):
     p.write_text(body)
     with pytest.raises(ValueError, match=message):
         load_server_config(p)
+
+
+def test_serve_flags_set_retrieval_keys(tmp_path):
+    """--retrieval-index / --retrieval-default override the section's keys; a missing index is exit 2 at start."""
+    import subprocess
+
+    from conftest import BIN
+    index = tmp_path / "i.sqlite"
+    index.write_bytes(b"")
+    cfg = load_server_config(ROOT_CONFIG, retrieval={"index": str(index), "default_enabled": True})
+    assert cfg.retrieval.index == str(index) and cfg.retrieval.default_enabled and cfg.retrieval.top_k == 3
+    cfg = load_server_config(ROOT_CONFIG, retrieval={"index": None, "default_enabled": None})
+    assert cfg.retrieval.index is None and not cfg.retrieval.default_enabled
+    r = subprocess.run([str(BIN / "lawchat"), "serve", "--model", "/nonexistent", "--retrieval-index",
+                        str(tmp_path / "nope.sqlite")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nope.sqlite" in r.stderr

@@ -132,3 +132,16 @@ def test_recall_at_5_on_the_labelled_everyday_questions(real_index, name, floor)
                      {(h.law, h.article) for h in real_index.search(it["question"], 5, expand=False, prior=False)})
                 for it in items)
     assert found / len(items) >= floor and found > plain
+
+
+def test_articles_named_in_the_question_come_first(real_index):
+    from lawchat_server.retrieval import chinese_number
+    assert [chinese_number(n) for n in (7, 10, 19, 39, 105, 110, 1079, 1260)] == \
+        ["七", "十", "十九", "三十九", "一百零五", "一百一十", "一千零七十九", "一千二百六十"]
+    for question, want in [("劳动合同法第三十九条是怎么规定的？", ("劳动合同法", "第三十九条")),
+                           ("请问《民法典》第1079条规定了什么？", ("民法典", "第一千零七十九条")),
+                           ("中华人民共和国刑法第二十条", ("刑法", "第二十条"))]:
+        hits = real_index.search(question, 3)
+        assert (hits[0].law, hits[0].article) == want and len(hits) == 3
+        assert len({(h.law, h.article) for h in hits}) == 3          # not repeated by the BM25 part
+    assert real_index.referenced("公司拖欠工资怎么办") == []

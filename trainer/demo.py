@@ -14,8 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from lawchat_server import legal_terms
-from lawchat_server.retrieval import SCHEMA_VERSION
+from lawchat_server import legal_terms, retrieval
 
 from . import base_model, demo_corpus
 from . import evaluate as eval_
@@ -23,7 +22,7 @@ from .finetune import finetune
 from .merge import merge
 from .prepare import prepare, print_report
 
-LEGAL_TERMS = Path(legal_terms.__file__)
+RETRIEVAL_CODE = (Path(legal_terms.__file__), Path(retrieval.__file__))   # what the retrieved context depends on
 
 STAMP = ".lawchat_step.json"
 INDEX_FILE = "laws.sqlite"      # runs/demo/index/laws.sqlite: every article in force, for context and citations
@@ -66,6 +65,8 @@ def build_base(cfg: dict, out: Path) -> dict:
     forum = demo_corpus.forum_lines(
         demo_corpus.statute_rows(focus, cfg["pretrain_qa_per_article"], cfg["seed"] + 1) + demo_corpus.everyday_rows())
     statutes = demo_corpus.statute_lines(focus)
+    if cfg.get("context"):    # the base also learns to answer from a quoted article (the fine-tune shows it them)
+        forum += demo_corpus.context_lines(focus, cfg["seed"] + 2) * cfg["context"].get("pretrain_copies", 1)
     log(f"base model: tokenizer on {len(tok_articles)} articles + {len(forum)} Q&A texts, pretraining on "
         f"{len(statutes)} articles of {cfg['laws']} + {len(forum)} Q&A texts")
     info = base_model.make_base_model(
@@ -151,8 +152,8 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
     workdir = Path(workdir or cfg["workdir"])
     everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
     base_key = digest(cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"], cfg["pretrain"],
-                      cfg["pretrain_qa_per_article"], cfg["seed"], everyday)
-    index_key = digest(SCHEMA_VERSION, LEGAL_TERMS.read_text(encoding="utf-8"))
+                      cfg["pretrain_qa_per_article"], cfg["seed"], everyday, cfg.get("context"))
+    index_key = digest(retrieval.SCHEMA_VERSION, [p.read_text(encoding="utf-8") for p in RETRIEVAL_CODE])
     data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday, cfg.get("context"),
                       index_key if cfg.get("context") else None)
     adapter_key = digest(base_key, data_key, cfg["finetune"])

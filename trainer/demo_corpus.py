@@ -97,6 +97,22 @@ def forum_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def context_lines(articles: list[Article], seed: int, max_chars: int = 220) -> list[str]:
+    """Forum Q&A with the statute quoted above the question (prompt.with_context's wording) and the answer copying
+    it: pretraining text from which the base model learns to answer from an article it is shown. Each document
+    shows the governing article (those up to max_chars long) and the head of a distractor, in random order."""
+    from lawchat_server.prompt import CONTEXT_HEADER
+    rng = random.Random(seed)
+    lines = []
+    for a in [x for x in articles if len(x.text) <= max_chars]:
+        other = rng.choice([b for b in articles if b is not a])
+        shown = [a, other] if rng.random() < 0.5 else [other, a]
+        block = CONTEXT_HEADER + "\n".join(f"{x.heading}：{x.text if x is a else x.text[:60] + '……'}" for x in shown)
+        title_t, _ = rng.choice(QUESTION_TEMPLATES)
+        lines.append(f"{block}\n\n问题：{title_t.format(law=a.law, no=a.no)}\n答：{statute_answer(a)}")
+    return lines
+
+
 def everyday_rows() -> list[dict]:
     with EVERYDAY_QA.open(encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
