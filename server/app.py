@@ -26,7 +26,7 @@ from .engine.model_runner import load_runner
 from .engine_slot import EngineSlot
 from .limiter import Limiter
 from .metrics import Metrics
-from .retrieval import Retriever
+from .retrieval import open_retriever
 
 log = logging.getLogger("lawchat.server")
 
@@ -64,7 +64,7 @@ def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
     server = grpc.aio.server(interceptors=[AuthInterceptor(keys)],
                              options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", transport_cap)])
     health_servicer = health.aio.HealthServicer()
-    retriever = Retriever(cfg.retrieval.index) if cfg.retrieval.index else None
+    retriever = open_retriever(cfg.retrieval)
     chat = ChatService(slot, cfg, metrics, limiter, breaker, keys, retriever)
 
     async def on_drain():          # `app` is bound below, before any RPC can call this

@@ -27,7 +27,7 @@ from .limiter import Limiter
 from .metrics import Metrics
 from .prompt import PromptError, with_context
 from .params import InvalidRequest, parse_messages, parse_sampling, parse_stopping
-from .retrieval import MAX_TOP_K, Hit, Retriever
+from .retrieval import MAX_TOP_K, Hit, Retriever, RetrievalUnavailable
 
 log = logging.getLogger("lawchat.rpc")
 
@@ -105,7 +105,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             raise InvalidRequest(f"retrieval.top_k must be in [1, {MAX_TOP_K}], got {top_k}")
         if self.retriever is None:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          "retrieval is not configured on this server (retrieval.index in its config)")
+                          "retrieval is not configured on this server (retrieval.index or retrieval.opensearch.url)")
         return top_k
 
     def _build_request(self, engine, hits, messages, sampling, max_new, stops, ignore_eos) -> GenerationRequest:
@@ -164,7 +164,13 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 try:
                     client, parsed, top_k = self._admit(request, context)
                     if top_k:
-                        hits = await asyncio.to_thread(self.retriever.search, parsed[0][-1]["content"], top_k)
+                        try:
+                            hits = await asyncio.to_thread(self.retriever.search, parsed[0][-1]["content"], top_k)
+                        except RetrievalUnavailable as e:   # a search cluster down: the caller may retry
+                            m.retrieval_failures.inc()
+                            log.warning("request_id=%s retrieval failed: %s", rid, e)
+                            raise Refused(grpc.StatusCode.UNAVAILABLE, "statute retrieval is unavailable; retry, or "
+                                          "ask without retrieval") from None
                     with self.slot.lease() as engine:
                         verdict = breaker.admit()
                         if isinstance(verdict, str):       # breaker open or switch on: no model, the canned answer

@@ -33,6 +33,20 @@ def cmd_retrieve(a) -> int:
     return 0
 
 
+def cmd_index_export(a) -> int:
+    from .retrieval_opensearch import MAPPING, export_bulk
+    if a.mapping:
+        print(json.dumps(MAPPING, ensure_ascii=False, indent=2))
+        return 0
+    if not a.index or not a.out:
+        raise ValueError("give INDEX and OUT (or --mapping)")
+    if not Path(a.index).is_file():
+        raise FileNotFoundError(f"no such index: {a.index}")
+    n = export_bulk(a.index, a.out, a.index_name)
+    print(f"{n} articles -> {a.out} (bulk NDJSON for index {a.index_name})", file=sys.stderr)
+    return 0
+
+
 def cmd_keys(a) -> int:
     from .auth import SCOPES, hash_key, new_key
     bad = set(a.scope.split(",")) - set(SCOPES)
@@ -73,6 +87,13 @@ def add_commands(sub) -> None:
     s.add_argument("--corpus", default=None, help="your own articles: JSONL lines of {law, article, text}")
     s.add_argument("--all-statuses", action="store_true", help="also repealed and superseded articles")
     s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("index-export", help="a `lawchat index` file -> bulk NDJSON for OpenSearch/Elasticsearch")
+    s.add_argument("index", nargs="?", help="a file made by `lawchat index`")
+    s.add_argument("out", nargs="?", help="NDJSON to POST to URL/_bulk")
+    s.add_argument("--index-name", default="lawchat-articles")
+    s.add_argument("--mapping", action="store_true", help="print the index mapping (create the index with it first)")
+    s.set_defaults(func=cmd_index_export)
 
     s = sub.add_parser("retrieve", help="the statute articles that best match a question")
     s.add_argument("question")

@@ -15,7 +15,7 @@ import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -24,19 +24,55 @@ MAX_TOP_K = 10
 
 
 @dataclass
+class OpenSearchConfig:
+    url: str | None = None           # e.g. https://search.internal:9200; null = the embedded SQLite index
+    index: str = "lawchat-articles"  # the index holding one document per article (MAPPING)
+    timeout_s: float = 2.0           # per query; a slow cluster fails the retrieval, not the answer
+    user_env: str = "LAWCHAT_OPENSEARCH_USER"          # basic-auth user and password come from the environment
+    password_env: str = "LAWCHAT_OPENSEARCH_PASSWORD"
+
+    def validate(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"retrieval.opensearch.url must start with http:// or https://, got {self.url!r}")
+        if self.timeout_s <= 0:
+            raise ValueError("retrieval.opensearch.timeout_s must be > 0")
+
+
+@dataclass
 class RetrievalConfig:
-    index: str | None = None          # a file made by `lawchat index`; null = retrieval off
+    index: str | None = None          # a file made by `lawchat index`; null = retrieval off (unless opensearch.url)
     default_enabled: bool = False     # for requests that leave retrieval.enabled unset
     top_k: int = 3                    # articles per request when the request does not say
     max_context_tokens: int = 512     # prompt tokens the articles may take (the last one is cut to fit)
+    opensearch: OpenSearchConfig = field(default_factory=OpenSearchConfig)   # an existing cluster instead of the file
 
     def validate(self) -> None:
+        self.opensearch.validate()
+        if self.index is not None and self.opensearch.url is not None:
+            raise ValueError("retrieval: set either index (the embedded SQLite file) or opensearch.url, not both")
         if not 1 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"retrieval.top_k must be in [1, {MAX_TOP_K}], got {self.top_k}")
         if self.max_context_tokens < 0:
             raise ValueError("retrieval.max_context_tokens must be >= 0")
         if self.index is not None and not Path(self.index).is_file():
             raise ValueError(f"retrieval.index: no such file: {self.index} (build it with `lawchat index`)")
+
+
+class RetrievalUnavailable(RuntimeError):
+    """The retrieval backend (a search cluster) did not answer."""
+
+
+def open_retriever(cfg: RetrievalConfig):
+    """The configured retriever (checked now, so a bad index or cluster stops the server at start), or None."""
+    if cfg.opensearch.url is not None:
+        from .retrieval_opensearch import OpenSearchRetriever
+        retriever = OpenSearchRetriever(cfg.opensearch)
+        try:
+            retriever.check()
+        except RetrievalUnavailable as e:
+            raise ValueError(f"retrieval.opensearch: {e}") from None
+        return retriever
+    return Retriever(cfg.index) if cfg.index else None
 
 
 @dataclass

@@ -31,7 +31,8 @@ class FaultyRunner:
         else:
             self._unhang.clear()
 
-    def execute(self, prefill, decode):
+    def launch(self, prefill, decode):
+        """The engine's entry point (a step; with overlap its ids are waited for later)."""
         self.calls += 1
         if self.fail_steps > 0:
             self.fail_steps -= 1
@@ -42,7 +43,7 @@ class FaultyRunner:
             self._unhang.wait(60)
         time.sleep(self.delay)
         self.decoded += len(decode)
-        return self.inner.execute(prefill, decode)
+        return self.inner.launch(prefill, decode)
 
 
 def InProcessServer(runner, cfg: ServerConfig | None = None, loader=None, **engine_cfg) -> ThreadedServer:
