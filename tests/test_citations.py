@@ -2,6 +2,8 @@
 message and the unary response, the CLI's --cite, and degraded answers that still quote the articles."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 
 import grpc
@@ -91,6 +93,28 @@ def test_client_cli_cite_prints_the_articles(server):
                         "--cite"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "引用法条" in r.stdout and "[1] 《劳动合同法》第三十条：用人单位应当" in r.stdout
+
+
+def test_grpcurl_shows_the_citations(server):
+    srv, _ = server
+    body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "retrieval": {"enabled": True, "top_k": 2},
+                       "stopping": {"max_new_tokens": 3}}, ensure_ascii=False)
+    r = subprocess.run([str(BIN / "grpcurl"), "-plaintext", "-d", body, srv.target,
+                        "lawchat.v1.ChatService/ChatStream"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    last = json.loads(re.findall(r"^\{.*?^\}", r.stdout, re.S | re.M)[-1])
+    assert [(c["law"], c["article"]) for c in last["citations"]][0] == ("劳动合同法", "第三十条")
+    assert len(last["citations"]) == 2 and last["citations"][0]["snippet"] and "score" in last["citations"][0]
+
+
+def test_corrupt_or_missing_index_stops_the_server_at_start(tiny_model, tmp_path):
+    bad = tmp_path / "corrupt.sqlite"
+    bad.write_bytes(b"not an index" * 100)
+    for path, needle in ((bad, "not a lawchat retrieval index"), (tmp_path / "missing.sqlite", "no such file")):
+        r = subprocess.run([str(BIN / "lawchat"), "serve", "--model", str(tiny_model), "--port", "0",
+                            "--metrics-port", "0", "--retrieval-index", str(path)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
 
 
 def test_context_stays_within_the_token_budget(runner):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import BIN
+from conftest import BIN, ROOT
 from lawchat_server.retrieval import build_index
 from lawchat_trainer.evaluate import cite_share, cited
 from test_retrieval import laws_db  # noqa: F401  (the laws.db-format fixture)
@@ -33,13 +33,17 @@ def test_eval_scores_each_model_with_and_without_retrieval(tiny_demo, laws_db, t
     out = tmp_path / "eval.json"
     r = subprocess.run([str(BIN / "lawchat"), "eval", str(tiny_demo / "merged"), str(tiny_demo / "data" / "prepared"),
                         "--compare", str(tiny_demo / "base"), "--max-new-tokens", "12", "--limit", "6",
-                        "--retrieval", str(tmp_path / "idx.sqlite"), "--output", str(out)],
+                        "--retrieval", str(tmp_path / "idx.sqlite"), "--output", str(out),
+                        "--cite-questions", str(ROOT / "trainer" / "data" / "retrieval_questions.jsonl")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text(encoding="utf-8"))
     names = [str(tiny_demo / "base"), str(tiny_demo / "merged")]
     assert list(report["models"]) == names + [n + " +retrieval" for n in names]
     assert "cites a governing article" in r.stdout
+    everyday = report["everyday"]
+    assert list(everyday["models"]) == list(report["models"]) and len(everyday["answers"]) == 62
+    assert all(0 <= v <= 100 for v in everyday["models"].values()) and "naming a governing article" in r.stdout
     rows = [json.loads(x) for x in (tmp_path / "eval_side_by_side.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 6 and all(len(row) == 2 + 4 for row in rows)
 
