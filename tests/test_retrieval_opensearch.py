@@ -110,7 +110,7 @@ def test_served_with_citations_and_unavailable_when_the_cluster_is_down(cluster,
         with LawchatClient(server.target, retry=NO_RETRY, timeout=60) as c:
             r = c.chat("公司拖欠工资三个月了，我该怎么办？", max_new_tokens=4, retrieval=True)
             assert ("劳动合同法", "第三十条") in [(x["law"], x["article"]) for x in r.citations]
-            docs, srv.docs = srv.docs, []
+            srv.docs = []
             srv.server_close()                                    # the cluster goes away
             with pytest.raises(LawchatError) as e:
                 c.chat("公司拖欠工资怎么办？", max_new_tokens=4, retrieval=True)

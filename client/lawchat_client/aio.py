@@ -16,9 +16,9 @@ import grpc
 from lawchat.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 from .channel import Targets, make_channel
-from .client import API_KEY_ENV, Deadline, to_dict
+from .client import API_KEY_ENV, to_dict
 from .messages import ChatOptions, ChatResult, Messages, StreamState, build_request, metadata, result_of
-from .retry import RetryPolicy, error_from_rpc
+from .retry import Deadline, RetryPolicy, error_from_rpc
 
 
 class AsyncChatStream:
@@ -48,10 +48,8 @@ class AsyncChatStream:
                 return
             except grpc.aio.AioRpcError as e:
                 err = error_from_rpc(e, self.attempts)
-                if self._state.yielded_text or not self._policy.should_retry(err, self.attempts):
-                    raise err from None
-                wait = self._policy.backoff(self.attempts, err.retry_after)
-                if not self._deadline.allows(wait):
+                wait = self._policy.next_wait(err, self.attempts, self._deadline, self._state.yielded_text)
+                if wait is None:
                     raise err from None
                 await asyncio.sleep(wait)
                 self.attempts += 1
@@ -95,8 +93,8 @@ class AsyncLawchatClient:
                 return await call, call
             except grpc.aio.AioRpcError as e:
                 err = error_from_rpc(e, attempt)
-                wait = policy.backoff(attempt, err.retry_after) if policy.should_retry(err, attempt) else None
-                if wait is None or not deadline.allows(wait):
+                wait = policy.next_wait(err, attempt, deadline)
+                if wait is None:
                     raise err from None
                 await asyncio.sleep(wait)
                 attempt += 1

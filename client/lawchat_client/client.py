@@ -17,22 +17,9 @@ from lawchat.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 from .channel import Targets, make_channel
 from .messages import ChatOptions, ChatResult, Messages, StreamState, build_request, metadata, result_of
-from .retry import LawchatError, RetryPolicy, error_from_rpc  # noqa: F401  (LawchatError: 0.1 imported it from here)
+from .retry import Deadline, LawchatError, RetryPolicy, error_from_rpc  # noqa: F401  (LawchatError: 0.1 imported it here)
 
 API_KEY_ENV = "LAWCHAT_API_KEY"
-
-
-class Deadline:
-    """An overall deadline across attempts (None = no deadline)."""
-
-    def __init__(self, timeout: float | None):
-        self.end = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> float | None:
-        return None if self.end is None else max(0.0, self.end - time.monotonic())
-
-    def allows(self, wait: float) -> bool:
-        return self.end is None or time.monotonic() + wait < self.end
 
 
 def to_dict(msg, **kw) -> dict:
@@ -69,10 +56,8 @@ class ChatStream:
                 return
             except grpc.RpcError as e:
                 err = error_from_rpc(e, self.attempts)
-                if self._state.yielded_text or not self._policy.should_retry(err, self.attempts):
-                    raise err from None
-                wait = self._policy.backoff(self.attempts, err.retry_after)
-                if not self._deadline.allows(wait):
+                wait = self._policy.next_wait(err, self.attempts, self._deadline, self._state.yielded_text)
+                if wait is None:
                     raise err from None
                 time.sleep(wait)
                 self.attempts += 1
@@ -122,8 +107,8 @@ class LawchatClient:
                                         metadata=metadata(self.api_key, request_id))
             except grpc.RpcError as e:
                 err = error_from_rpc(e, attempt)
-                wait = policy.backoff(attempt, err.retry_after) if policy.should_retry(err, attempt) else None
-                if wait is None or not deadline.allows(wait):
+                wait = policy.next_wait(err, attempt, deadline)
+                if wait is None:
                     raise err from None
                 time.sleep(wait)
                 attempt += 1

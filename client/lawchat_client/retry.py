@@ -8,6 +8,7 @@ has already yielded text (the caller has seen part of an answer; a second one co
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -55,6 +56,28 @@ class RetryPolicy:
         if retry_after is not None:
             wait = max(wait, min(retry_after, self.max_backoff))
         return wait
+
+
+    def next_wait(self, error: LawchatError, attempt: int, deadline: Deadline, yielded_text: bool = False):
+        """Seconds to wait before the next attempt, or None: raise `error` (not retryable, out of attempts, text
+        already yielded, or the wait would end past the deadline)."""
+        if yielded_text or not self.should_retry(error, attempt):
+            return None
+        wait = self.backoff(attempt, error.retry_after)
+        return wait if deadline.allows(wait) else None
+
+
+class Deadline:
+    """An overall deadline across attempts (None = no deadline)."""
+
+    def __init__(self, timeout: float | None):
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def allows(self, wait: float) -> bool:
+        return self.end is None or time.monotonic() + wait < self.end
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
