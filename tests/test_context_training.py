@@ -55,3 +55,29 @@ def test_citation_share_counts_answers_naming_a_governing_article():
     hyps = ["见《劳动合同法》第三十条。", "见《民法典》第一千零四十五条。", "《刑法》第二十条"]
     assert cite_share(hyps, refs) == 50.0                 # 1 of the 2 references that cite anything
     assert cite_share(["x"], ["没有法条"]) is None
+
+
+def test_demo_with_context_trains_on_the_articles_it_names(tmp_path):
+    """The demo's context path (configs/demo.yaml `context:`) on the tiny config: the index step, prompts with the
+    retrieved articles, everyday replies that name exactly the articles their prompt shows, eval with retrieval."""
+    import yaml
+
+    from conftest import TINY_CONFIG
+    from lawchat_trainer.demo import build_demo
+    cfg = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+    cfg["context"] = {"top_k": 2, "max_chars": 200}
+    cfg["finetune"]["max_input_length"] = 256
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    build_demo(tmp_path / "demo.yaml", workdir=tmp_path / "demo")
+    assert (tmp_path / "demo" / "index" / "laws.sqlite").is_file()
+    rows = [json.loads(x)["conversations"] for x in
+            (tmp_path / "demo" / "data" / "prepared" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(c[0]["content"].startswith("参考法条：") for c in rows)
+    cited = [c for c in rows if c[1]["content"].startswith("依据《")]
+    assert len(cited) >= 10
+    for user, reply in ((c[0]["content"], c[1]["content"]) for c in cited):
+        names = reply[2:reply.index("：")].split("、")
+        assert names and all(n in user.split("\n\n问题：")[0] for n in names)    # only articles the prompt shows
+    report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text(encoding="utf-8"))
+    assert any(k.endswith("+retrieval") for k in report["models"])
+    assert len(report["everyday"]["models"]) == 4

@@ -160,12 +160,13 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
     merged_key = digest(adapter_key)
     steps = [   # (name, key of its inputs, build(out) -> info stamped beside the output)
         ("base", base_key, lambda out: build_base(cfg, out)),
-        ("index", index_key, build_index),
         ("data", data_key, lambda out: build_data(cfg, workdir, out)),
         ("lora", adapter_key, lambda out: build_adapter(cfg, workdir, out)),
         ("merged", merged_key, lambda out: build_merged(workdir, out)),
         ("eval", digest(merged_key, cfg.get("context")), lambda out: build_eval(cfg, workdir, out)),
     ]
+    if cfg.get("context"):       # the retrieval index the context comes from, built before the data
+        steps.insert(1, ("index", index_key, build_index))
     t_all = time.time()
     for i, (name, key, build) in enumerate(steps, 1):
         out = workdir / name
