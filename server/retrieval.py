@@ -62,6 +62,21 @@ class RetrievalUnavailable(RuntimeError):
     """The retrieval backend (a search cluster) did not answer."""
 
 
+def named_articles(question: str) -> list[tuple[list[str], str]]:
+    """The articles a question names (劳动合同法第三十九条, 《民法典》第1079条): for each, the law names it may mean
+    (the words before 第, shortest last: 请问劳动合同法 ... 劳动合同法) and the article as laws.db writes it."""
+    out = []
+    for words, no in REFERENCE.findall(question):
+        out.append(([words[i:] for i in range(len(words) - 1)], f"第{chinese_number(int(no)) if no.isdigit() else no}条"))
+    return out
+
+
+def named_first(named: list[Hit], ranked: list[Hit], k: int) -> list[Hit]:
+    """The named articles, then the ranked ones that are not among them; k in all."""
+    seen = {(h.law, h.article) for h in named}
+    return (named + [h for h in ranked if (h.law, h.article) not in seen])[:k]
+
+
 def open_retriever(cfg: RetrievalConfig):
     """The configured retriever (checked now, so a bad index or cluster stops the server at start), or None."""
     if cfg.opensearch.url is not None:
@@ -219,6 +234,7 @@ class Retriever:
         if not self.path.is_file():
             raise FileNotFoundError(f"no retrieval index at {self.path}; build one with `lawchat index`")
         self._local = threading.local()          # one read-only connection per thread (servers search from many)
+        self._laws: set[str] | None = None
         try:
             self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
@@ -244,18 +260,17 @@ class Retriever:
     @property
     def laws(self) -> set[str]:
         """Every law name in the index (short form), for finding a named law inside a question."""
-        if getattr(self, "_laws", None) is None:
+        if self._laws is None:
             self._laws = {law for (law,) in self.con.execute("SELECT DISTINCT law FROM articles")}
         return self._laws
 
     def referenced(self, question: str) -> list[Hit]:
         """Articles the question names outright (劳动合同法第三十九条, 《民法典》第1079条), looked up exactly."""
         hits = []
-        for words, no in REFERENCE.findall(question):
-            law = next((words[i:] for i in range(len(words) - 1) if words[i:] in self.laws), None)   # 请问劳动合同法
+        for laws, article in named_articles(question):
+            law = next((name for name in laws if name in self.laws), None)
             if law is None:
                 continue
-            article = f"第{chinese_number(int(no)) if no.isdigit() else no}条"
             row = self.con.execute("SELECT law, article, text FROM articles WHERE law = ? AND article = ? LIMIT 1",
                                    (law, article)).fetchone()
             if row and all((h.law, h.article) != row[:2] for h in hits):
@@ -269,9 +284,7 @@ class Retriever:
         named = self.referenced(question)
         if len(named) >= k:
             return named[:k]
-        rest = [h for h in self._rank(question, k + len(named), expand, prior)
-                if all((h.law, h.article) != (n.law, n.article) for n in named)]
-        return named + rest[:k - len(named)]
+        return named_first(named, self._rank(question, k + len(named), expand, prior), k)
 
     def _rank(self, question: str, k: int, expand: bool, prior: bool) -> list[Hit]:
         from .legal_terms import LAW_PRIOR, PRIOR_POOL, PRIOR_SMOOTHING, PRIOR_WEIGHT

@@ -15,7 +15,7 @@ import http.client
 import json
 import os
 import urllib.request
-from .retrieval import REFERENCE, REFERENCE_SCORE, Hit, OpenSearchConfig, RetrievalUnavailable, chinese_number
+from .retrieval import REFERENCE_SCORE, Hit, OpenSearchConfig, RetrievalUnavailable, named_articles, named_first
 
 MAPPING = {
     "settings": {"analysis": {"analyzer": {"zh": {"type": "smartcn"}}}},
@@ -53,9 +53,7 @@ class OpenSearchRetriever:
 
     def referenced(self, question: str) -> list[Hit]:
         hits: list[Hit] = []
-        for words, no in REFERENCE.findall(question):
-            article = f"第{chinese_number(int(no)) if no.isdigit() else no}条"
-            laws = [words[i:] for i in range(len(words) - 1)]        # 请问劳动合同法 -> ... 劳动合同法
+        for laws, article in named_articles(question):
             found = self._search({"size": 1, "query": {"bool": {"filter": [
                 {"terms": {"law": laws}}, {"term": {"article": article}}]}}})
             for h in found:
@@ -83,10 +81,9 @@ class OpenSearchRetriever:
         if len(named) >= k:
             return named[:k]
         found = self._search(self.query(question, k + len(named), expand, prior))
-        rest = [Hit(h["_source"]["law"], h["_source"]["article"], round(float(h["_score"]), 4), h["_source"]["text"])
-                for h in found]
-        rest = [h for h in rest if all((h.law, h.article) != (n.law, n.article) for n in named)]
-        return named + rest[:k - len(named)]
+        ranked = [Hit(h["_source"]["law"], h["_source"]["article"], round(float(h["_score"]), 4), h["_source"]["text"])
+                  for h in found]
+        return named_first(named, ranked, k)
 
 
 def export_bulk(index_path, out_path, index_name: str = "lawchat-articles") -> int:

@@ -86,18 +86,14 @@ def build_index(out: Path) -> dict:
 def cite_context(rows: list[dict], index: Path, ctx: dict) -> list[dict]:
     """Everyday replies start by naming the articles their prompt's context shows ("依据《…》第…条：…"), so the
     model learns to answer from the articles it is given and to say which (the statute replies already do)."""
-    from lawchat_server.prompt import with_context
     from lawchat_server.retrieval import Retriever
 
-    from .prepare import CharTokens, build_prompt, clean_text
+    from .prepare import build_prompt, clean_text, context_prompt
     ret = Retriever(index)
     out = []
     for row in rows:
         prompt = build_prompt(clean_text(row["title"]), clean_text(row["question"]))
-        hits = ret.search(prompt, ctx["top_k"])
-        shown = with_context([{"role": "user", "content": prompt}], [(h.heading, h.text) for h in hits], CharTokens,
-                             ctx["max_chars"])[-1]["content"]
-        headings = [h.heading for h in hits if h.heading in shown]
+        _, headings = context_prompt(prompt, ret, ctx["top_k"], ctx["max_chars"])
         out.append({**row, "reply": f"依据{'、'.join(headings)}：{row['reply']}"} if headings else row)
     return out
 

@@ -275,13 +275,18 @@ class CharTokens:
         return "".join(ids)
 
 
-def add_context(ex: Example, retriever, k: int, max_chars: int) -> Example:
-    """The user turn with the k best-matching articles before the question (prompt.with_context's wording)."""
+def context_prompt(prompt: str, retriever, k: int, max_chars: int) -> tuple[str, list[str]]:
+    """The user turn with the k best-matching articles before the question (prompt.with_context's wording, at most
+    max_chars of them) -> (that turn, the headings of the articles it shows)."""
     from lawchat_server.prompt import with_context
-    hits = retriever.search(ex.prompt, k)
-    msgs = with_context([{"role": "user", "content": ex.prompt}], [(h.heading, h.text) for h in hits], CharTokens,
-                        max_chars)
-    return Example(msgs[-1]["content"], ex.reply, ex.is_best)
+    hits = retriever.search(prompt, k)
+    content = with_context([{"role": "user", "content": prompt}], [(h.heading, h.text) for h in hits], CharTokens,
+                           max_chars)[-1]["content"]
+    return content, [h.heading for h in hits if h.heading in content]
+
+
+def add_context(ex: Example, retriever, k: int, max_chars: int) -> Example:
+    return Example(context_prompt(ex.prompt, retriever, k, max_chars)[0], ex.reply, ex.is_best)
 
 
 def prepare(csv_path: str | Path, out_dir: str | Path, dev_ratio: float = 0.05, test_ratio: float = 0.05,

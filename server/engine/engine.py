@@ -158,7 +158,7 @@ class Engine:
         self._batch_size = 0
         self._steps = 0
         self.overlap = self.config.overlap and getattr(runner, "overlap", False)
-        self.timing = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "advance": 0.0}   # engine-thread s, profiling
+        self.timing = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "finish": 0.0}   # engine-thread s, profiling
         self._thread = threading.Thread(target=self._loop, name="lawchat-engine", daemon=True)
         self._out_thread = threading.Thread(target=self._process_outputs, name="lawchat-detok", daemon=True)
 
@@ -250,7 +250,7 @@ class Engine:
     # -- engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
         sched, tm = self.scheduler, self.timing
-        in_flight = None                       # (step, handle) launched and not yet finished (overlap)
+        in_flight = None                       # (step, handle, slots) launched and not yet finished (overlap)
         while True:
             with self._cond:
                 while not self._closed and not self._inbox and not sched.has_work() and in_flight is None:
@@ -279,15 +279,15 @@ class Engine:
             if in_flight is not None:
                 self._finish(*in_flight)
             if launched is not None and not self.overlap:
-                self._finish(step, launched)
+                self._finish(*launched)
                 launched = None
             t3 = time.perf_counter()
-            in_flight = (step, launched) if launched is not None else None
+            in_flight = launched
             if not step and in_flight is None:
                 time.sleep(0.001)          # everything waits for blocks held by sequences being dropped
             tm["schedule"] += t1 - t0
             tm["launch"] += t2 - t1
-            tm["advance"] += t3 - t2
+            tm["finish"] += t3 - t2
         if in_flight is not None:
             self._finish(*in_flight)
         with self._cond:
@@ -298,7 +298,8 @@ class Engine:
 
     def _launch(self, step):
         """Start the step on the runner and account for it at once: computed tokens advance, and each sampled
-        sequence gets a PENDING token (its row in the step) that the next step can already decode from."""
+        sequence gets a PENDING token (its row in the step) that the next step can already decode from.
+        -> (step, handle, the PENDING tokens' indices in each sampled sequence), or None if it failed."""
         self._batch_size = len(step.prefill) + len(step.decode)
         try:
             handle = self.runner.launch(step.prefill, step.decode)
@@ -310,14 +311,14 @@ class Engine:
             seq.num_computed += n
         for seq in step.decode:
             seq.num_computed += 1
-        handle.slots = []
+        slots = []
         for row, seq in enumerate(handle.sampled):
             seq.token_ids.append(PENDING)
             seq.pending_row, seq.pending_handle = row, handle
-            handle.slots.append(len(seq) - 1)
-        return handle
+            slots.append(len(seq) - 1)
+        return step, handle, slots
 
-    def _finish(self, step, handle) -> None:
+    def _finish(self, step, handle, slots: list[int]) -> None:
         """Wait for a launched step's ids, put them in place of its PENDING tokens, finish sequences."""
         t0 = time.perf_counter()
         try:
@@ -328,7 +329,7 @@ class Engine:
             return
         self.timing["wait"] += time.perf_counter() - t0
         self._steps += 1
-        self._advance(step, handle, sampled, tokens)
+        self._advance(step, handle, slots, sampled, tokens)
 
     def _drop_aborted(self) -> None:
         sched = self.scheduler
@@ -337,10 +338,10 @@ class Engine:
             self.runner.release(seq)
             self._jobs.pop(seq.seq_id, None)
 
-    def _advance(self, step, handle, sampled: list[Sequence], tokens: list[int]) -> None:
+    def _advance(self, step, handle, slots: list[int], sampled: list[Sequence], tokens: list[int]) -> None:
         eos = self.runner.eos_ids
         outputs = []
-        for seq, tok, idx in zip(sampled, tokens, handle.slots):
+        for seq, tok, idx in zip(sampled, tokens, slots):
             if seq.status is Status.FINISHED:      # dropped, or finished a step ago (overlap): token discarded
                 continue
             seq.token_ids[idx] = tok

@@ -239,6 +239,11 @@ class FastRunner(BaseRunner):
         idx = self.to_device(torch.tensor(rows, dtype=torch.int64).T.contiguous())
         return idx[0], idx[1]
 
+    def _fill_pending(self, ids: torch.Tensor, pending) -> None:
+        """Input ids of PENDING rows <- the last step's sampled ids, on the device (no host sync)."""
+        if pending is not None:
+            ids.index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
+
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
@@ -279,15 +284,13 @@ class FastRunner(BaseRunner):
         pending = self._pending_ids(seqs)
         if bucket is None:   # eager: CPU, or a batch above the largest graph
             host, tables = self.to_device(host), self.to_device(tables)
-            if pending is not None:
-                host[0].index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
+            self._fill_pending(host[0], pending)
             meta = AttentionMetadata(slot_mapping=host[2], decode=True, block_tables=tables,
                                      context_lens=host[3].to(torch.int32), use_triton=self.attention_backend == "triton",
                                      num_splits=self._splits(b))
             return self.model.forward(host[0], host[1], self.kv_cache, meta)
         self._fill_graph_inputs(host, tables, b, bucket)
-        if pending is not None:
-            self.g_ids.index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
+        self._fill_pending(self.g_ids, pending)
         graph, out = self.graphs[bucket]
         graph.replay()
         return out[:b]
