@@ -140,7 +140,9 @@ def test_articles_named_in_the_question_come_first(real_index):
         ["七", "十", "十九", "三十九", "一百零五", "一百一十", "一千零七十九", "一千二百六十"]
     for question, want in [("劳动合同法第三十九条是怎么规定的？", ("劳动合同法", "第三十九条")),
                            ("请问《民法典》第1079条规定了什么？", ("民法典", "第一千零七十九条")),
-                           ("中华人民共和国刑法第二十条", ("刑法", "第二十条"))]:
+                           ("中华人民共和国刑法第二十条", ("刑法", "第二十条")),
+                           # BM25 finds this one too: it must not come twice
+                           ("劳动合同法第三十条：用人单位拖欠劳动报酬，劳动者可以向人民法院申请支付令", ("劳动合同法", "第三十条"))]:
         hits = real_index.search(question, 3)
         assert (hits[0].law, hits[0].article) == want and len(hits) == 3
         assert len({(h.law, h.article) for h in hits}) == 3          # not repeated by the BM25 part
