@@ -45,6 +45,16 @@ PROFILES = {
                                                    {"per_device_train_batch_size": 32}),
     "lora.yaml as shipped": ("lora.yaml", {}, {}),
     "lora.yaml as shipped, batch 28": ("lora.yaml", {}, {"per_device_train_batch_size": 28}),
+    "lora.yaml, varlen attention": ("lora.yaml", {"attention": "varlen"}, {}),                       # 14
+    "lora.yaml, packed, varlen attention": ("lora.yaml", {"attention": "varlen", "batching": "packed"}, {}),
+    "lora.yaml, packed, varlen, batch 24": ("lora.yaml", {"attention": "varlen", "batching": "packed"},
+                                            {"per_device_train_batch_size": 24}),
+    "lora.yaml, packed, varlen, batch 32": ("lora.yaml", {"attention": "varlen", "batching": "packed"},
+                                            {"per_device_train_batch_size": 32}),
+    "lora.yaml, packed, varlen, dropout 0, batch 32": ("lora.yaml", {"attention": "varlen", "batching": "packed",
+                                                                     "peft_config": "dropout0"},
+                                                       {"per_device_train_batch_size": 32}),
+    "lora-24gb.yaml, varlen attention": ("lora-24gb.yaml", {"attention": "varlen"}, {}),           # 19
 }
 
 
@@ -72,7 +82,8 @@ def make_data(out: Path, tokenizer_dir: Path, n: int, seed: int = 0) -> dict:
     return {"examples": n, "min": lengths[0], "median": lengths[n // 2], "mean": sum(lengths) / n, "max": lengths[-1]}
 
 
-def run_profile(name: str, model: Path, data: Path, work: Path, steps: int, world: int) -> dict:
+def write_config(name: str, work: Path, steps: int, world: int = 1) -> tuple[Path, str]:
+    """The profile's config file for `lawchat train`; -> (path, slug)."""
     base, top, targs = PROFILES[name]
     cfg = yaml.safe_load((ROOT / "configs" / base).read_text(encoding="utf-8"))
     if top.get("peft_config") == "dropout0":
@@ -82,12 +93,18 @@ def run_profile(name: str, model: Path, data: Path, work: Path, steps: int, worl
     cfg["data_config"].update(val_file=None, test_file=None)
     cfg["training_args"].update(targs, max_steps=steps, logging_steps=5, save_strategy="no", eval_strategy="no",
                                 disable_tqdm=True, log_level="warning", report_to="none")
-    slug = "".join(c if c.isalnum() else "_" for c in name)[:40] + f"_w{world}"
-    (work / f"{slug}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    slug = f"p{list(PROFILES).index(name)}_w{world}"
+    path = work / f"{slug}.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path, slug
+
+
+def run_profile(name: str, model: Path, data: Path, work: Path, steps: int, world: int) -> dict:
+    config, slug = write_config(name, work, steps, world)
     out = work / slug
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
                 if world > 1 else [sys.executable])
-    cmd = [*launcher, "-m", "lawchat_trainer.cli", "train", str(data), str(model), str(work / f"{slug}.yaml"),
+    cmd = [*launcher, "-m", "lawchat_trainer.cli", "train", str(data), str(model), str(config),
            "--output-dir", str(out)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if world == 1:       # one process on one GPU (several visible GPUs would make the Trainer use DataParallel)

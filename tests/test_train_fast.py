@@ -24,11 +24,21 @@ def glm(tiny_model, tmp_path_factory):
     return make_random_model(tmp_path_factory.mktemp("glm"), tiny_model, TINY, "glm", dtype=torch.float32, seed=7)
 
 
-def test_packed_examples_do_not_see_each_other(glm):
+def load_glm(path, attention: str):
+    from transformers import AutoModelForCausalLM
+    extra = {}
+    if attention == "varlen":
+        from lawchat_trainer.attention import register
+        extra["attn_implementation"] = register()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
+def test_packed_examples_do_not_see_each_other(glm, attention):
     """Logits of each example inside a packed row equal its logits alone (and differ without the isolation)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(glm)
-    model = AutoModelForCausalLM.from_pretrained(glm, dtype=torch.float32).eval()
+    model = load_glm(glm, attention)
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(5, 1400, (n,), generator=g).tolist() for n in (23, 41, 9)]
     feats = [{"input_ids": ids, "labels": ids} for ids in examples]
@@ -38,7 +48,7 @@ def test_packed_examples_do_not_see_each_other(glm):
     assert (batch["labels"][0, starts] == -100).all()                         # no loss across a boundary
     with torch.no_grad():
         # use_cache=False as in training: with a KV cache transformers skips its packed-sequence mask (and leaks)
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
         leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]   # one long sequence: attends across
         for s, ids in zip(starts, examples):
             alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
@@ -50,6 +60,22 @@ def test_packed_examples_do_not_see_each_other(glm):
         labelled = [model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])) for ids in examples]
         want = sum(o.loss * (len(ids) - 1) for o, ids in zip(labelled, examples)) / sum(len(i) - 1 for i in examples)
         torch.testing.assert_close(model(**batch).loss, want, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_attention_on_right_padded_rows_equals_each_example_alone(glm):
+    """Without a mask tensor, a padded batch's real tokens still see only their own example's earlier tokens."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(glm)
+    tok.padding_side = "left"                     # the collator must turn this around: left padding would leak
+    model = load_glm(glm, "varlen")
+    g = torch.Generator().manual_seed(1)
+    examples = [torch.randint(5, 1400, (n,), generator=g).tolist() for n in (30, 12, 19)]
+    batch = make_collator(tok, packing=False)([{"input_ids": ids, "labels": ids} for ids in examples])
+    with torch.no_grad():
+        padded = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        for row, ids in enumerate(examples):
+            alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(padded[row, :len(ids)], alone, atol=1e-5, rtol=1e-4)
 
 
 def test_real_tokens_leave_out_padding(glm):

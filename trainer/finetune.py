@@ -37,9 +37,11 @@ class FinetuneConfig:
     batching: str = "grouped"    # lawchat's addition (trainer/collate.py): grouped | packed | padded
     liger_kernel: bool | str = False   # lawchat's addition (trainer/kernels.py): true | false | auto (on with CUDA
                                        # and the liger-kernel package)
+    attention: str = "sdpa"      # lawchat's addition (trainer/attention.py): sdpa | varlen
 
 
 BATCHING = ("grouped", "packed", "padded")
+ATTENTION = ("sdpa", "varlen")
 
 
 # LoRA targets when peft_config leaves target_modules unset and PEFT has no default for the model type.
@@ -53,7 +55,7 @@ def load_config(path: str | Path) -> FinetuneConfig:
         raise FinetuneError(f"no such config: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "batching",
-             "liger_kernel"}
+             "liger_kernel", "attention"}
     unknown = set(raw) - known
     if unknown:
         raise FinetuneError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -68,9 +70,12 @@ def load_config(path: str | Path) -> FinetuneConfig:
                          training_args=dict(raw.get("training_args") or {}),
                          peft_config=dict(raw.get("peft_config") or {}),
                          batching=raw.get("batching", FinetuneConfig.batching),
-                         liger_kernel=raw.get("liger_kernel", FinetuneConfig.liger_kernel))
+                         liger_kernel=raw.get("liger_kernel", FinetuneConfig.liger_kernel),
+                         attention=raw.get("attention", FinetuneConfig.attention))
     if cfg.liger_kernel not in (True, False, "auto"):
         raise FinetuneError(f"{path}: liger_kernel must be true, false or auto, got {cfg.liger_kernel!r}")
+    if cfg.attention not in ATTENTION:
+        raise FinetuneError(f"{path}: attention must be one of {list(ATTENTION)}, got {cfg.attention!r}")
     if cfg.batching not in BATCHING:
         raise FinetuneError(f"{path}: batching must be one of {list(BATCHING)}, got {cfg.batching!r}")
     if cfg.peft_config.get("peft_type", "LORA") != "LORA":
@@ -161,8 +166,12 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         args.update(length_grouping_args())
     training_args = TrainingArguments(output_dir=str(out), **args)
 
+    extra = {}
+    if cfg.attention == "varlen":
+        from .attention import register
+        extra["attn_implementation"] = register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **extra)
     model.config.use_cache = False    # training needs no KV cache; with one, transformers skips the packed-sequence mask
     from .kernels import apply_liger, liger_available
     if cfg.liger_kernel is True or (cfg.liger_kernel == "auto" and liger_available()):
