@@ -24,37 +24,23 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
-# name -> (base config, overrides of the top level, overrides of training_args)
+# name -> (base config, overrides of the top level, overrides of training_args); 0 is the baseline, 1 and 2 the
+# shipped profiles (bench_train --world-sizes runs 1 under torchrun)
+SEED = {"batching": "padded", "attention": "sdpa", "liger_kernel": False}
+OLD = {"batching": "grouped", "attention": "sdpa"}           # lora.yaml before packing + varlen attention
 PROFILES = {
-    "seed recipe (fp32, ckpt, batch 4, padded)": (
-        "lora.yaml", {"batching": "padded"},
-        {"bf16": False, "gradient_checkpointing": True, "per_device_train_batch_size": 4}),
-    "lora.yaml (bf16, length-grouped, batch 16)": ("lora.yaml", {}, {}),
-    "lora.yaml but packed": ("lora.yaml", {"batching": "packed"}, {}),
-    "lora.yaml, batch 32": ("lora.yaml", {}, {"per_device_train_batch_size": 32}),
-    "lora.yaml, lora_dropout 0": ("lora.yaml", {"peft_config": "dropout0"}, {}),
-    "lora-24gb.yaml (bf16, grouped, ckpt, batch 8)": ("lora-24gb.yaml", {}, {}),
-    "lora-24gb.yaml, batch 16": ("lora-24gb.yaml", {}, {"per_device_train_batch_size": 16}),
-    "lora.yaml, lora_dropout 0, torch_compile": ("lora.yaml", {"peft_config": "dropout0"}, {"torch_compile": True}),
-    "lora.yaml, lora_dropout 0, batch 24": ("lora.yaml", {"peft_config": "dropout0"},
-                                            {"per_device_train_batch_size": 24}),
-    "lora.yaml, lora_dropout 0, liger": ("lora.yaml", {"peft_config": "dropout0", "liger_kernel": True}, {}),
-    "lora.yaml, lora_dropout 0, liger, batch 24": ("lora.yaml", {"peft_config": "dropout0", "liger_kernel": True},
-                                                   {"per_device_train_batch_size": 24}),
-    "lora.yaml, lora_dropout 0, liger, batch 32": ("lora.yaml", {"peft_config": "dropout0", "liger_kernel": True},
-                                                   {"per_device_train_batch_size": 32}),
+    "seed recipe (fp32, ckpt, batch 4, padded, sdpa)": (
+        "lora.yaml", SEED, {"bf16": False, "gradient_checkpointing": True, "per_device_train_batch_size": 4}),
     "lora.yaml as shipped": ("lora.yaml", {}, {}),
-    "lora.yaml as shipped, batch 28": ("lora.yaml", {}, {"per_device_train_batch_size": 28}),
-    "lora.yaml, varlen attention": ("lora.yaml", {"attention": "varlen"}, {}),                       # 14
-    "lora.yaml, packed, varlen attention": ("lora.yaml", {"attention": "varlen", "batching": "packed"}, {}),
-    "lora.yaml, packed, varlen, batch 24": ("lora.yaml", {"attention": "varlen", "batching": "packed"},
-                                            {"per_device_train_batch_size": 24}),
-    "lora.yaml, packed, varlen, batch 32": ("lora.yaml", {"attention": "varlen", "batching": "packed"},
-                                            {"per_device_train_batch_size": 32}),
-    "lora.yaml, packed, varlen, dropout 0, batch 32": ("lora.yaml", {"attention": "varlen", "batching": "packed",
-                                                                     "peft_config": "dropout0"},
-                                                       {"per_device_train_batch_size": 32}),
-    "lora-24gb.yaml, varlen attention": ("lora-24gb.yaml", {"attention": "varlen"}, {}),           # 19
+    "lora-24gb.yaml as shipped": ("lora-24gb.yaml", {}, {}),
+    "lora.yaml, grouped, sdpa, batch 16 (last shipped)": ("lora.yaml", OLD, {"per_device_train_batch_size": 16}),
+    "lora.yaml, grouped, batch 16": ("lora.yaml", {"batching": "grouped"}, {"per_device_train_batch_size": 16}),
+    "lora.yaml, batch 16": ("lora.yaml", {}, {"per_device_train_batch_size": 16}),
+    "lora.yaml, batch 48": ("lora.yaml", {}, {"per_device_train_batch_size": 48}),
+    "lora.yaml, lora_dropout 0": ("lora.yaml", {"peft_config": "dropout0"}, {}),
+    "lora.yaml, liger off": ("lora.yaml", {"liger_kernel": False}, {}),
+    "lora-24gb.yaml, grouped, sdpa (last shipped)": ("lora-24gb.yaml", {**OLD, "liger_kernel": False}, {}),
+    "lora-24gb.yaml, batch 24": ("lora-24gb.yaml", {}, {"per_device_train_batch_size": 24}),
 }
 
 
@@ -145,7 +131,7 @@ def main() -> None:
     print("| profile | GPUs | real tokens/s | vs seed | peak GB | MFU |\n|---|---|---|---|---|---|", flush=True)
     seed_rate = None
     todo = [(names[int(i)], 1) for i in a.profiles.split(",")]
-    todo += [(names[1], int(w)) for w in a.world_sizes.split(",") if int(w) > 1]
+    todo += [(names[1], int(w)) for w in a.world_sizes.split(",") if int(w) > 1]     # the shipped lora.yaml
     for name, world in todo:
         r = run_profile(name, model, a.workdir / "data", a.workdir, a.steps, world)
         if "error" in r:

@@ -140,3 +140,22 @@ def test_grouped_batching_gives_the_trainer_a_length_grouped_sampler(glm, tmp_pa
     gaps = [abs(len(rows[a]["input_ids"]) - len(rows[b]["input_ids"])) for a, b in zip(order[::2], order[1::2])]
     assert sorted(order) == list(range(400))
     assert sum(gaps) / len(gaps) < 10        # batch-mates have similar lengths (random pairs: ~100 apart)
+
+
+def test_packing_and_varlen_refuse_a_model_whose_attention_cannot_be_swapped(tiny_model, tiny_demo, tmp_path):
+    """Bloom builds its own masks (as THUDM's remote code does): packed rows would leak, so the config is refused."""
+    from lawchat_trainer.finetune import FinetuneError
+    bloom = make_random_model(tmp_path / "bloom", tiny_model, dict(vocab_size=1500, hidden_size=64, num_hidden_layers=2,
+                                                                   num_attention_heads=4), "bloom", dtype=torch.float32)
+    cfg = yaml.safe_load((ROOT / "configs" / "lora.yaml").read_text(encoding="utf-8"))
+    cfg["training_args"].update(max_steps=1, save_steps=100, eval_steps=100, logging_steps=1, dataloader_num_workers=0,
+                                per_device_train_batch_size=2)
+    for batching, attention in (("packed", "sdpa"), ("grouped", "varlen")):
+        cfg.update(batching=batching, attention=attention)
+        (tmp_path / "lora.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        with pytest.raises(FinetuneError, match="lawchat convert"):
+            finetune(tiny_demo / "data" / "prepared", bloom, tmp_path / "lora.yaml", output_dir=tmp_path / "run")
+    cfg.update(batching="grouped", attention="sdpa")
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    final = finetune(tiny_demo / "data" / "prepared", bloom, tmp_path / "lora.yaml", output_dir=tmp_path / "run")
+    assert (final / "adapter_config.json").is_file()

@@ -3,7 +3,8 @@
 Packed rows (trainer/collate.py) carry each example's start as `cu_seq_lens_q`; right-padded rows need no mask
 at all, since under causality a real token only sees tokens before it and padding comes after. So one
 variable-length causal kernel serves both: on CUDA PyTorch's own FlashAttention-2 varlen op (the one its nested
-tensors use; it has a backward and takes grouped KV heads), elsewhere SDPA one example at a time.
+tensors use; it has a backward and takes grouped KV heads), elsewhere (CPU, fp32, pre-Ampere cards) SDPA one
+example at a time.
 
 Why not transformers' built-ins: `sdpa` turns a packed row into a (tokens x tokens) mask — attention over the whole
 row, quadratic in the batch's tokens — and `flash_attention_2` needs the flash-attn package, which has no wheel
@@ -22,6 +23,12 @@ def row_starts(batch: int, length: int, device) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
 
 
+def flash_ok(q: torch.Tensor) -> bool:
+    """PyTorch's FlashAttention-2: CUDA, half precision, Ampere or newer (else the per-example SDPA below)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
 def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      cu_seq_lens_q=None, max_length_q=None, **_):
     """transformers attention interface. query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), None."""
@@ -36,7 +43,7 @@ def varlen_attention(module, query, key, value, attention_mask=None, scaling=Non
         cu, max_len = cu_seq_lens_q.to(torch.int32), int(max_length_q or t)
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))   # (B*T, heads, D)
     p = dropout if module.training else 0.0
-    if q.is_cuda:
+    if flash_ok(q):
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, p, True, False,
                                                       scale=scaling)[0]
     else:

@@ -166,12 +166,15 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         args.update(length_grouping_args())
     training_args = TrainingArguments(output_dir=str(out), **args)
 
-    extra = {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    if (cfg.batching == "packed" or cfg.attention == "varlen") and not model.is_backend_compatible():
+        raise FinetuneError(f"{model_dir}: batching: packed and attention: varlen need a model whose attention "
+                            f"transformers can swap, and {type(model).__name__} is not one (a THUDM ChatGLM3 checkpoint: "
+                            "`lawchat convert` it first); or set batching: grouped and attention: sdpa in the config")
     if cfg.attention == "varlen":
         from .attention import register
-        extra["attn_implementation"] = register()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
-                                                 trust_remote_code=trust_remote_code, **extra)
+        model.set_attn_implementation(register())
     model.config.use_cache = False    # training needs no KV cache; with one, transformers skips the packed-sequence mask
     from .kernels import apply_liger, liger_available
     if cfg.liger_kernel is True or (cfg.liger_kernel == "auto" and liger_available()):
