@@ -81,3 +81,28 @@ def test_demo_with_context_trains_on_the_articles_it_names(tmp_path):
     report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text(encoding="utf-8"))
     assert any(k.endswith("+retrieval") for k in report["models"])
     assert len(report["everyday"]["models"]) == 4
+
+
+def test_base_copy_practice_quotes_other_laws_than_the_fine_tunes(monkeypatch):
+    """The base's copying practice (statutes quoted above a question, the answer copying the one it names) comes
+    from laws outside the demo's: the base learns to answer from what it is shown, not the fine-tune's answers."""
+    import yaml
+
+    from lawchat_server.prompt import CONTEXT_HEADER
+    from lawchat_trainer import demo
+    from lawchat_trainer.demo_corpus import find_laws_db, read_articles, statute_answer
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    seen = {}
+    monkeypatch.setattr(demo.base_model, "make_base_model", lambda tok, texts, *a: seen.update(texts=texts) or {})
+    demo.build_base(cfg, None)
+    copies = [t for t in seen["texts"] if t.startswith(CONTEXT_HEADER)]
+    focus = read_articles(find_laws_db(), cfg["laws"])
+    assert len(copies) == len(focus) * cfg["context"]["pretrain_copies"]
+    answers = {statute_answer(a) for a in focus}
+    for doc in copies:
+        block, qa = doc.split("\n\n问题：")
+        question, answer = qa.split("\n答：")
+        heading = answer[:answer.index("规定：")]
+        assert heading in block and heading.split("》")[0][1:] in question        # it copies the article it names
+        assert answer not in answers and not any(f"《{law}》" in doc for law in cfg["laws"])
+        assert block.count("……") == 1                                             # one distractor, cut

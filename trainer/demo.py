@@ -25,6 +25,7 @@ from .prepare import prepare, print_report
 RETRIEVAL_CODE = (Path(legal_terms.__file__), Path(retrieval.__file__))   # what the retrieved context depends on
 
 STAMP = ".lawchat_step.json"
+BASE_RECIPE = 2                # bump when build_base's pretraining mix changes in code (2: copy practice on other laws)
 INDEX_FILE = "laws.sqlite"      # runs/demo/index/laws.sqlite: every article in force, for context and citations
 CITE_QUESTIONS = Path(__file__).parent / "data" / "retrieval_questions.jsonl"
 SAMPLE_QUESTION = "劳动合同法第三十九条是怎么规定的？"
@@ -60,13 +61,16 @@ def log(msg: str) -> None:
 def build_base(cfg: dict, out: Path) -> dict:
     db = demo_corpus.find_laws_db()
     focus = demo_corpus.read_articles(db, cfg["laws"])
-    tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else demo_corpus.read_articles(db)
+    every = demo_corpus.read_articles(db)
+    tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else every
     # forum-style Q&A with other seeds' question wording than the fine-tune set, plus the everyday Q&A
     forum = demo_corpus.forum_lines(
         demo_corpus.statute_rows(focus, cfg["pretrain_qa_per_article"], cfg["seed"] + 1) + demo_corpus.everyday_rows())
     statutes = demo_corpus.statute_lines(focus)
-    if cfg.get("context"):    # the base also learns to answer from a quoted article (the fine-tune shows it them)
-        forum += demo_corpus.context_lines(focus, cfg["seed"] + 2) * cfg["context"].get("pretrain_copies", 1)
+    if cfg.get("context"):    # the base also learns to answer from a quoted article (the fine-tune shows it them),
+        others = [a for a in every if a.law not in cfg["laws"]]     # practised on other laws' articles
+        n = len(focus) * cfg["context"].get("pretrain_copies", 1)
+        forum += demo_corpus.context_lines(others, n, cfg["seed"] + 2)
     log(f"base model: tokenizer on {len(tok_articles)} articles + {len(forum)} Q&A texts, pretraining on "
         f"{len(statutes)} articles of {cfg['laws']} + {len(forum)} Q&A texts")
     info = base_model.make_base_model(
@@ -147,8 +151,8 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
     cfg = load_demo_config(config_path)
     workdir = Path(workdir or cfg["workdir"])
     everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
-    base_key = digest(cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"], cfg["pretrain"],
-                      cfg["pretrain_qa_per_article"], cfg["seed"], everyday, cfg.get("context"))
+    base_key = digest(BASE_RECIPE, cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"],
+                      cfg["pretrain"], cfg["pretrain_qa_per_article"], cfg["seed"], everyday, cfg.get("context"))
     index_key = digest(retrieval.SCHEMA_VERSION, [p.read_text(encoding="utf-8") for p in RETRIEVAL_CODE])
     data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday, cfg.get("context"),
                       index_key if cfg.get("context") else None)

@@ -97,15 +97,19 @@ def forum_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def context_lines(articles: list[Article], seed: int, max_chars: int = 220) -> list[str]:
-    """Forum Q&A with the statute quoted above the question (prompt.with_context's wording) and the answer copying
-    it: pretraining text from which the base model learns to answer from an article it is shown. Each document
-    shows the governing article (those up to max_chars long) and the head of a distractor, in random order."""
+def context_lines(articles: list[Article], n: int, seed: int, max_chars: int = 220) -> list[str]:
+    """n forum Q&A documents with statutes quoted above the question (prompt.with_context's wording) and the answer
+    copying the one it names: pretraining text from which the base model learns to answer from an article it is
+    shown. Each shows its article (drawn from those up to max_chars long) and the head of a distractor, in random
+    order. The demo draws them from laws outside the fine-tune's, so the base learns the skill, not the answers."""
     from lawchat_server.prompt import CONTEXT_HEADER
     rng = random.Random(seed)
+    short = [x for x in articles if len(x.text) <= max_chars]
     lines = []
-    for a in [x for x in articles if len(x.text) <= max_chars]:
-        other = rng.choice([b for b in articles if b is not a])
+    for a in rng.sample(short, k=min(n, len(short))):
+        other = rng.choice(articles)
+        while other is a:
+            other = rng.choice(articles)
         shown = [a, other] if rng.random() < 0.5 else [other, a]
         block = CONTEXT_HEADER + "\n".join(f"{x.heading}：{x.text if x is a else x.text[:60] + '……'}" for x in shown)
         title_t, _ = rng.choice(QUESTION_TEMPLATES)
