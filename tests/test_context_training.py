@@ -83,26 +83,25 @@ def test_demo_with_context_trains_on_the_articles_it_names(tmp_path):
     assert len(report["everyday"]["models"]) == 4
 
 
-def test_base_copy_practice_quotes_other_laws_than_the_fine_tunes(monkeypatch):
-    """The base's copying practice (statutes quoted above a question, the answer copying the one it names) comes
-    from laws outside the demo's: the base learns to answer from what it is shown, not the fine-tune's answers."""
+def test_base_copy_practice_copies_a_quoted_article_but_answers_no_question(monkeypatch):
+    """The base's copying practice quotes statutes and then repeats one in full after its heading — no question and
+    no answer in the assistant's words, which the fine-tune teaches (a base that had them scored 47.55 ROUGE-L)."""
     import yaml
 
     from lawchat_server.prompt import CONTEXT_HEADER
     from lawchat_trainer import demo
-    from lawchat_trainer.demo_corpus import find_laws_db, read_articles, statute_answer
+    from lawchat_trainer.demo_corpus import find_laws_db, read_articles
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
     seen = {}
     monkeypatch.setattr(demo.base_model, "make_base_model", lambda tok, texts, *a: seen.update(texts=texts) or {})
     demo.build_base(cfg, None)
     copies = [t for t in seen["texts"] if t.startswith(CONTEXT_HEADER)]
     focus = read_articles(find_laws_db(), cfg["laws"])
-    assert len(copies) == len(focus) * cfg["context"]["pretrain_copies"]
-    answers = {statute_answer(a) for a in focus}
+    assert len(copies) == sum(len(a.text) <= 220 for a in focus) * cfg["context"]["pretrain_copies"] > 100
+    texts = {a.heading: a.text for a in focus}
     for doc in copies:
-        block, qa = doc.split("\n\n问题：")
-        question, answer = qa.split("\n答：")
-        heading = answer[:answer.index("规定：")]
-        assert heading in block and heading.split("》")[0][1:] in question        # it copies the article it names
-        assert answer not in answers and not any(f"《{law}》" in doc for law in cfg["laws"])
-        assert block.count("……") == 1                                             # one distractor, cut
+        block, tail = doc.split("\n\n")
+        heading, text = tail.split("全文：")
+        assert f"{heading}：{text}" in block and texts[heading] == text          # copies the article it quotes
+        assert block.count("……") == 1                                             # beside a cut distractor
+        assert tail == f"{heading}全文：{text}" and not block.split(CONTEXT_HEADER)[0]  # no question, no answer

@@ -25,7 +25,7 @@ from .prepare import prepare, print_report
 RETRIEVAL_CODE = (Path(legal_terms.__file__), Path(retrieval.__file__))   # what the retrieved context depends on
 
 STAMP = ".lawchat_step.json"
-BASE_RECIPE = 2                # bump when build_base's pretraining mix changes in code (2: copy practice on other laws)
+BASE_RECIPE = 2                # bump when build_base's pretraining mix changes in code (2: copy practice without Q&A)
 INDEX_FILE = "laws.sqlite"      # runs/demo/index/laws.sqlite: every article in force, for context and citations
 CITE_QUESTIONS = Path(__file__).parent / "data" / "retrieval_questions.jsonl"
 SAMPLE_QUESTION = "劳动合同法第三十九条是怎么规定的？"
@@ -61,16 +61,13 @@ def log(msg: str) -> None:
 def build_base(cfg: dict, out: Path) -> dict:
     db = demo_corpus.find_laws_db()
     focus = demo_corpus.read_articles(db, cfg["laws"])
-    every = demo_corpus.read_articles(db)
-    tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else every
+    tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else demo_corpus.read_articles(db)
     # forum-style Q&A with other seeds' question wording than the fine-tune set, plus the everyday Q&A
     forum = demo_corpus.forum_lines(
         demo_corpus.statute_rows(focus, cfg["pretrain_qa_per_article"], cfg["seed"] + 1) + demo_corpus.everyday_rows())
     statutes = demo_corpus.statute_lines(focus)
-    if cfg.get("context"):    # the base also learns to answer from a quoted article (the fine-tune shows it them),
-        others = [a for a in every if a.law not in cfg["laws"]]     # practised on other laws' articles
-        n = len(focus) * cfg["context"].get("pretrain_copies", 1)
-        forum += demo_corpus.context_lines(others, n, cfg["seed"] + 2)
+    if cfg.get("context"):    # the base also learns to copy a quoted article (the fine-tune shows it them)
+        forum += demo_corpus.context_lines(focus, cfg["context"].get("pretrain_copies", 1), cfg["seed"] + 2)
     log(f"base model: tokenizer on {len(tok_articles)} articles + {len(forum)} Q&A texts, pretraining on "
         f"{len(statutes)} articles of {cfg['laws']} + {len(forum)} Q&A texts")
     info = base_model.make_base_model(

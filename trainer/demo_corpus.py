@@ -97,23 +97,23 @@ def forum_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def context_lines(articles: list[Article], n: int, seed: int, max_chars: int = 220) -> list[str]:
-    """n forum Q&A documents with statutes quoted above the question (prompt.with_context's wording) and the answer
-    copying the one it names: pretraining text from which the base model learns to answer from an article it is
-    shown. Each shows its article (drawn from those up to max_chars long) and the head of a distractor, in random
-    order. The demo draws them from laws outside the fine-tune's, so the base learns the skill, not the answers."""
+def context_lines(articles: list[Article], copies: int, seed: int, max_chars: int = 220) -> list[str]:
+    """`copies` documents per article (those up to max_chars long) that quote statutes (prompt.with_context's
+    wording) and then repeat one of them in full after its heading: pretraining text from which the base model
+    learns to find an article it is shown by its heading and copy it. Each quotes its article and the head of a
+    distractor, in random order. Not question and answer: the base should learn the skill, while answering
+    questions in the assistant's words ("《…》第…条规定：…") is left to the fine-tune."""
     from lawchat_server.prompt import CONTEXT_HEADER
     rng = random.Random(seed)
     short = [x for x in articles if len(x.text) <= max_chars]
     lines = []
-    for a in rng.sample(short, k=min(n, len(short))):
+    for a in [x for _ in range(copies) for x in rng.sample(short, len(short))]:
         other = rng.choice(articles)
         while other is a:
             other = rng.choice(articles)
         shown = [a, other] if rng.random() < 0.5 else [other, a]
         block = CONTEXT_HEADER + "\n".join(f"{x.heading}：{x.text if x is a else x.text[:60] + '……'}" for x in shown)
-        title_t, _ = rng.choice(QUESTION_TEMPLATES)
-        lines.append(f"{block}\n\n问题：{title_t.format(law=a.law, no=a.no)}\n答：{statute_answer(a)}")
+        lines.append(f"{block}\n\n{a.heading}全文：{a.text}")
     return lines
 
 
