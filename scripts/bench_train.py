@@ -41,6 +41,7 @@ PROFILES = {
     "lora.yaml, liger off": ("lora.yaml", {"liger_kernel": False}, {}),
     "lora-24gb.yaml, grouped, sdpa (last shipped)": ("lora-24gb.yaml", {**OLD, "liger_kernel": False}, {}),
     "lora-24gb.yaml, batch 24": ("lora-24gb.yaml", {}, {"per_device_train_batch_size": 24}),
+    "lora.yaml, grouped, batch 32": ("lora.yaml", {"batching": "grouped"}, {}),
 }
 
 
