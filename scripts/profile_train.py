@@ -19,13 +19,19 @@ from bench_train import PROFILES, make_data, write_config
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
-KINDS = (("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_")), ("attention", ("flash", "fmha", "attention")),
-         ("triton", ("triton", "liger", "_kernel")), ("elementwise", ("elementwise", "vectorized", "reduce", "copy")))
+# first match wins: attention kernels also name cutlass/sm90 types, PyTorch's own elementwise ones end in _kernel
+KINDS = (("attention", ("flash", "fmha", "sdpa", "attention")),
+         ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_")),
+         ("elementwise", ("at::native", "elementwise", "vectorized", "reduce", "copy")))
 
 
 def kind_of(name: str) -> str:
+    """attention | gemm | elementwise (PyTorch's) | triton (liger's and other Triton kernels: plain names)."""
     low = name.lower()
-    return next((k for k, keys in KINDS if any(x in low for x in keys)), "other")
+    hit = next((k for k, keys in KINDS if any(x in low for x in keys)), None)
+    if hit:
+        return hit
+    return "triton" if "::" not in name and "<" not in name else "other"
 
 
 class ProfileSteps(TrainerCallback):
