@@ -42,16 +42,26 @@ def encode_training_example(tokenizer, conv: list[dict], max_input_length: int,
             prompt_truncated, reply_truncated)
 
 
+def article_line(heading: str, text: str) -> str:
+    """One article as a prompt shows it (text may be cut, marked "……")."""
+    return f"{heading}：{text}"
+
+
+def context_block(lines: list[str]) -> str:
+    """The statute block put before a question: the header, then one article_line each."""
+    return CONTEXT_HEADER + "\n".join(lines)
+
+
 def with_context(messages: list[dict], articles: list[tuple[str, str]], tokenizer, max_tokens: int) -> list[dict]:
     """The conversation with statute articles ((heading, text) pairs, best first) put before the last user turn's
     question, as many as fit in `max_tokens` tokens of the block (the last one cut to fit). The same wording is
     used when training with context and when serving."""
     def size(lines: list[str]) -> int:
-        return len(tokenizer.encode(CONTEXT_HEADER + "\n".join(lines), add_special_tokens=False))
+        return len(tokenizer.encode(context_block(lines), add_special_tokens=False))
 
     lines: list[str] = []
     for heading, text in articles if max_tokens > 0 else ():
-        line = f"{heading}：{text}"
+        line = article_line(heading, text)
         if size(lines + [line]) <= max_tokens:
             lines.append(line)
             continue
@@ -67,7 +77,7 @@ def with_context(messages: list[dict], articles: list[tuple[str, str]], tokenize
     if not lines:
         return messages
     last = messages[-1]
-    block = CONTEXT_HEADER + "\n".join(lines)
+    block = context_block(lines)
     return messages[:-1] + [{"role": last["role"], "content": f"{block}\n\n问题：{last['content']}"}]
 
 

@@ -63,7 +63,7 @@ class OpenSearchRetriever:
         return hits
 
     def query(self, question: str, k: int, expand: bool = True, prior: bool = True) -> dict:
-        from .legal_terms import LAW_PRIOR, expand_terms
+        from .legal_terms import LAW_PRIOR, PRIOR_WEIGHT, expand_terms
         should: list[dict] = [{"match": {"text": {"query": question}}}]
         if expand:
             should += [{"match_phrase": {"text": {"query": term, "boost": 1.0}}} for term, _ in expand_terms(question)]
@@ -72,7 +72,7 @@ class OpenSearchRetriever:
             top = max(LAW_PRIOR.values())
             body["query"] = {"function_score": {"query": body["query"], "boost_mode": "sum", "score_mode": "max",
                                                 "functions": [{"filter": {"term": {"law": law}},
-                                                               "weight": round(2.0 * n / top, 3)}
+                                                               "weight": round(PRIOR_WEIGHT * n / top, 3)}
                                                               for law, n in LAW_PRIOR.items()]}}
         return body
 

@@ -103,7 +103,7 @@ def context_lines(articles: list[Article], copies: int, seed: int, max_chars: in
     learns to find an article it is shown by its heading and copy it. Each quotes its article and the head of a
     distractor, in random order. Not question and answer: the base should learn the skill, while answering
     questions in the assistant's words ("《…》第…条规定：…") is left to the fine-tune."""
-    from lawchat_server.prompt import CONTEXT_HEADER
+    from lawchat_server.prompt import article_line, context_block
     rng = random.Random(seed)
     short = [x for x in articles if len(x.text) <= max_chars]
     lines = []
@@ -112,7 +112,7 @@ def context_lines(articles: list[Article], copies: int, seed: int, max_chars: in
         while other is a:
             other = rng.choice(articles)
         shown = [a, other] if rng.random() < 0.5 else [other, a]
-        block = CONTEXT_HEADER + "\n".join(f"{x.heading}：{x.text if x is a else x.text[:60] + '……'}" for x in shown)
+        block = context_block([article_line(x.heading, x.text if x is a else x.text[:60] + "……") for x in shown])
         lines.append(f"{block}\n\n{a.heading}全文：{a.text}")
     return lines
 
