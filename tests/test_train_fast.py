@@ -120,6 +120,8 @@ def test_shipped_lora_yaml_trains_a_native_glm_unchanged(tiny_demo, tmp_path):
                      output_dir=tmp_path / "run")
     adapter = json.loads((final / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
+    report = json.loads((tmp_path / "run" / "train_report.json").read_text())
+    assert report["batching"] == "packed" and report["attention"] == "lawchat_varlen"   # the shipped fast path
     shutil.rmtree(tmp_path / "run")
 
 

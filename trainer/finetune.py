@@ -205,6 +205,7 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         report["global_step"] = result.global_step
         report["world_size"] = training_args.world_size
         report["batching"] = cfg.batching
+        report["attention"] = model.config._attn_implementation     # what the model really ran
         report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
         report["log_history"] = trainer.state.log_history
         (out / "train_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
