@@ -1,5 +1,16 @@
 """app: wire the engine slot, guards (auth, limiter, breaker), gRPC services (chat, admin, health, reflection)
-and /metrics; bind the port before the model loads; run until signalled."""
+and /metrics; bind the port before the model loads; run until signalled.
+
+grpc.health.v1, by service name (what a balancer or an orchestrator should ask):
+- `lawchat.v1.ChatService` (readiness): SERVING only while this replica's model can answer — NOT_SERVING while
+  the model loads, the breaker is open, the engine is stalled, dead or restarting, or the server drains. A
+  balancer (Envoy's health check, a k8s readiness probe) sends chat traffic elsewhere meanwhile; a client that
+  reaches it anyway gets the canned answer.
+- `liveness` and `""` (the whole server): NOT_SERVING only when the process should be restarted — the
+  supervisor gave up on its engine (it then exits 3) or it is shutting down. A drain or an open breaker never
+  fails liveness, so an orchestrator does not kill a replica that is finishing its streams.
+- `lawchat.v1.AdminService`: SERVING while the process runs.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -27,6 +38,7 @@ from .engine_slot import EngineSlot
 from .limiter import Limiter
 from .metrics import Metrics
 from .retrieval import open_retriever
+from .supervisor import Supervisor
 
 log = logging.getLogger("lawchat.server")
 
@@ -34,8 +46,11 @@ CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
+LIVENESS = "liveness"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-HEALTH_POLL_S = 1.0
+HEALTH_POLL_S = 0.5
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+EXIT_ENGINE_LOST = 3
 
 
 @dataclass
@@ -49,14 +64,21 @@ class App:
     limiter: Limiter
     keys: KeyStore
     port: int
+    supervisor: Supervisor
     watcher: asyncio.Task | None = None
-    serving: bool = False          # what health last said for ChatService
+    serving: bool | None = None    # what health last said for ChatService
+    live: bool | None = None       # ... and for liveness
+    stop: asyncio.Event | None = None   # set by the supervisor when it gives up (serve() then exits 3)
 
 
 def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
     """Services on a grpc.aio server bound to cfg.host:cfg.port (0 = a free port); nothing started yet.
     The slot may still be empty: the port is taken before the model loads, so a clash fails at once."""
     keys = KeyStore(cfg.auth)
+    if not keys.enabled and cfg.host not in LOOPBACK and not cfg.auth.allow_unauthenticated:
+        raise ValueError(f"refusing to listen on {cfg.host} without API keys: anyone who reaches it could chat and "
+                         "use AdminService (reload, drain, limits). Give keys (--api-keys-file, $LAWCHAT_API_KEYS; "
+                         "`lawchat keys new NAME`), or pass --allow-unauthenticated if a proxy in front authenticates")
     limiter, breaker, metrics = Limiter(cfg.limits), Breaker(cfg.breaker), Metrics()
     metrics.watch(slot, breaker)
     transport_cap = max(4 << 20, 4 * cfg.generation.max_request_bytes)   # above it gRPC itself answers RESOURCE_EXHAUSTED
@@ -88,38 +110,65 @@ def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     if not keys.enabled:
-        log.warning("AUTH IS OFF: anyone who can reach %s may chat AND use AdminService (reload, drain, limits). "
-                    "Fine for a local demo; set auth.enabled with keys for anything else.", address)
+        log.warning("AUTH IS OFF: anyone who can reach %s may chat AND use AdminService (reload, drain, limits)%s",
+                    address, " (--allow-unauthenticated)" if cfg.host not in LOOPBACK else
+                    ". Fine for a local demo; give API keys for anything else.")
     if not cfg.tls.enabled and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("TLS is off on %s: questions and answers cross the network in plain text", address)
-    app = App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port)
+    async def give_up(reason: str):
+        await update_health(app)
+        if app.stop is not None:
+            app.stop.set()
+
+    supervisor = Supervisor(slot, cfg.restart, cfg.breaker.stall_seconds, give_up)
+    app = App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port, supervisor)
     return app
 
 
 async def start_app(app: App) -> None:
     """Start serving: health NOT_SERVING (chat UNAVAILABLE) until the slot has an engine."""
     await app.server.start()
-    for name in ("", CHAT_SERVICE):
-        await app.health.set(name, NOT_SERVING)
     await app.health.set(ADMIN_SERVICE, SERVING)
+    await update_health(app)
     app.watcher = asyncio.create_task(watch_health(app))
 
 
+def chat_unready(app: App) -> str:
+    """Why this replica should get no chat traffic now ('' = ready)."""
+    slot, engine = app.slot, app.slot.engine
+    if engine is None:
+        return "loading"
+    if slot.draining:
+        return "draining"
+    if slot.restarting or not getattr(engine, "alive", True):
+        return "engine down"
+    if app.supervisor.stalled:
+        return "engine stalled"
+    if app.breaker.state == "open":
+        return "breaker open"
+    return ""
+
+
 async def update_health(app: App) -> None:
-    """ChatService health follows the engine: SERVING while one is loaded and alive and not draining, so a
-    balancer moves traffic away from a replica whose engine died (it still answers, with canned text)."""
-    engine = app.slot.engine
-    ok = engine is not None and getattr(engine, "alive", True) and not app.slot.draining
+    """Health by name (see the module doc): ChatService follows chat_unready, liveness the supervisor."""
+    why = chat_unready(app)
+    ok, live = not why, not app.supervisor.gave_up
     if ok != app.serving:
-        for name in ("", CHAT_SERVICE):
-            await app.health.set(name, SERVING if ok else NOT_SERVING)
-        if app.serving and not ok and not app.slot.draining:
-            log.error("the engine is not alive: health NOT_SERVING")
+        await app.health.set(CHAT_SERVICE, SERVING if ok else NOT_SERVING)
+        if not ok and why not in ("loading", "draining"):
+            log.error("health %s NOT_SERVING: %s", CHAT_SERVICE, why)
+        elif ok and app.serving is False:
+            log.info("health %s SERVING", CHAT_SERVICE)
         app.serving = ok
+    if live != app.live:
+        for name in ("", LIVENESS):
+            await app.health.set(name, SERVING if live else NOT_SERVING)
+        app.live = live
 
 
 async def watch_health(app: App) -> None:
     while True:
+        app.supervisor.check(app.chat.stopping)
         await update_health(app)
         await asyncio.sleep(HEALTH_POLL_S)
 
@@ -190,8 +239,9 @@ async def _in_thread(fn, *args):
     return await fut
 
 
-async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | None = None) -> None:
-    """Bind, then load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down."""
+async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | None = None) -> int:
+    """Bind, then load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down;
+    -> the exit code: 0, or EXIT_ENGINE_LOST when the supervisor gave up on the engine."""
     model_dir = Path(model_dir)
     slot = EngineSlot(loader=lambda path: load_engine(path, cfg))
     app = build_app(cfg, slot)                    # the port is taken now: a clash fails before the load
@@ -200,7 +250,7 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
     log.info("listening on %s:%d (health NOT_SERVING until the model is loaded); loading %s",
              cfg.host, app.port, model_dir)
 
-    stop = stop or asyncio.Event()
+    stop = app.stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -217,7 +267,7 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
         if load.done():
             raise load.exception()
         log.info("stopped while loading")
-        return
+        return 0
     slot.set(load.result(), model_dir)
     await update_health(app)
     # One line that scripts and tests wait for: where to connect.
@@ -229,7 +279,12 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
     log.info("shutting down: draining for up to %.0f s", cfg.grace_seconds)
     await stop_app(app, cfg.grace_seconds)
     http_server.shutdown()
+    if app.supervisor.gave_up:
+        log.critical("stopped: the engine could not be kept running (%s); exit %d", app.supervisor.gave_up,
+                     EXIT_ENGINE_LOST)
+        return EXIT_ENGINE_LOST
     log.info("stopped")
+    return 0
 
 
 def serve_from_cli(args) -> int:
@@ -237,10 +292,12 @@ def serve_from_cli(args) -> int:
     cfg = load_server_config(args.config, host=args.host, port=args.port, metrics_host=args.metrics_host,
                              metrics_port=args.metrics_port,
                              device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                             retrieval={"index": args.retrieval_index, "default_enabled": args.retrieval_default})
+                             retrieval={"index": args.retrieval_index, "default_enabled": args.retrieval_default},
+                             auth={"keys_file": args.api_keys_file, "allow_unauthenticated": args.allow_unauthenticated},
+                             tls={"cert_file": args.tls_cert, "key_file": args.tls_key,
+                                  "client_ca_file": args.tls_client_ca})
     try:
-        asyncio.run(serve(args.model, cfg))
+        return asyncio.run(serve(args.model, cfg))
     except OSError as e:
         print(f"lawchat serve: error: {e}", file=sys.stderr)
         return 2
-    return 0

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from .limiter import client_address
+
 log = logging.getLogger("lawchat.auth")
 
 SCOPES = ("chat", "admin")
@@ -30,9 +32,10 @@ SERVICE_SCOPES = {"lawchat.v1.ChatService": "chat", "lawchat.v1.AdminService": "
 
 @dataclass
 class AuthConfig:
-    enabled: bool = False                  # false: anyone who reaches the port may call everything (demo only)
+    enabled: bool | None = None            # null: on whenever keys are configured; true: keys required
     keys_file: str | None = None           # lines "NAME SCOPES SHA256"
     keys_env: str = "LAWCHAT_API_KEYS"     # the same lines from this environment variable (';' also separates)
+    allow_unauthenticated: bool = False    # serve a non-loopback address with no keys (a proxy authenticates)
 
 
 @dataclass
@@ -97,7 +100,6 @@ def parse_keys(text: str, source: str) -> list[ApiKey]:
 
 class KeyStore:
     def __init__(self, config: AuthConfig):
-        self.enabled = config.enabled
         keys = []
         if config.keys_file:
             path = Path(config.keys_file)
@@ -106,8 +108,12 @@ class KeyStore:
             keys += parse_keys(path.read_text(encoding="utf-8"), str(path))
         if config.keys_env and os.environ.get(config.keys_env):
             keys += parse_keys(os.environ[config.keys_env], f"${config.keys_env}")
-        if self.enabled and not keys:
+        if config.enabled and not keys:
             raise ValueError(f"auth.enabled is true but no keys were found (auth.keys_file, ${config.keys_env})")
+        if config.enabled is False and keys:
+            raise ValueError(f"auth.enabled is false but API keys are configured (auth.keys_file, "
+                             f"${config.keys_env}): keys always turn auth on; remove them, or the false")
+        self.enabled = bool(keys)
         self.keys = keys
 
     def lookup(self, presented: str | None) -> ApiKey | None:
@@ -165,14 +171,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"key {key.name!r} lacks the {scope!r} scope")
 
 
-def client_id(context, store: KeyStore) -> str:
-    """Who the rate limiter charges: the API key's name, else the peer's address without the port."""
+def client_id(context, store: KeyStore, trusted_proxies: list = ()) -> str:
+    """Who the rate limiter charges: the API key's name, else the client's address (the peer's, or behind a
+    trusted proxy the one it forwarded)."""
+    metadata = context.invocation_metadata()
     if store.enabled:
-        key = store.lookup(metadata_value(context.invocation_metadata(), "x-api-key"))
+        key = store.lookup(metadata_value(metadata, "x-api-key"))
         if key is not None:
             return "key:" + key.name
-    peer = context.peer() or "unknown"
-    return "peer:" + peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else "peer:" + peer
+    return "peer:" + client_address(context.peer() or "unknown", metadata_value(metadata, "x-forwarded-for"),
+                                    trusted_proxies)
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -1,22 +1,32 @@
 """breaker: a circuit breaker around the engine (the `circuitbreaker` package) plus the manual degraded switch.
 
 Decisions, each tested in tests/test_guards.py:
-- What counts: engine errors, a stalled engine (no step for `stall_seconds` while a request waits on it,
-  see `engine.read_chunks`) and a dead engine process are failures; a client's own cancel or deadline is
+- What counts: failed engine steps, a stalled engine (no step for `stall_seconds` while a request waits on it,
+  see `engine.read_chunks`) and a dead engine process are failures; a client's own cancel or deadline, a
+  refused request and a step failure the engine pinned on one request alone (`StepFailed.isolated`) are
   neither failure nor success. The package resets its count on any exception it is not told to expect
   (CancelledError and GeneratorExit included), so outcomes are recorded here explicitly, never by wrapping
   the stream in the breaker.
-- Consecutive failures open it (the package's rule: a success resets the count).
+- One failure per event, not per request: a failure carries a key (the failed step's number, the stalled
+  engine and its step count, the dead engine) and a key is counted once, however many streams it ended.
+- Success is the first token: a request that got one has shown the engine works (a probe is judged then,
+  not when its whole stream ends). Consecutive failures open it (the package's rule: a success resets the
+  count).
 - Half-open: the package lets every call through once the recovery time has passed; here at most
   `half_open_probes` requests at a time are probes, the others keep getting the canned answer. A probe's
   success closes the breaker, its failure opens it again for another `recovery_seconds`.
-- Outcomes of requests admitted before the breaker last opened are ignored (a long stream that started
-  while all was well says nothing about the engine now).
+- Successes of requests admitted before the breaker last opened are ignored (a stream that started while
+  all was well says nothing about the engine now); failures count whenever they happen (a step that failed
+  now is news about the engine now), except while open.
+- The clock is injectable (tests step it instead of sleeping): the package reads `time.monotonic` for its
+  open window, so the subclass below keeps that window on the breaker's clock.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
@@ -41,11 +51,28 @@ class BreakerConfig:
 
 
 class EngineFailure(Exception):
-    """What the breaker counts. `kind`: error, stalled, engine_gone."""
+    """What the breaker counts. `kind`: error, stalled, engine_gone; `key`: the event (counted once), or None
+    for one of its own."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, key=None):
         super().__init__(kind)
-        self.kind = kind
+        self.kind, self.key = kind, key
+
+
+class _ClockedCircuitBreaker(CircuitBreaker):
+    """The package's breaker with its open window on an injectable clock (fractional seconds)."""
+
+    def __init__(self, clock, **kw):
+        self._clock = clock
+        super().__init__(**kw)
+        self._opened = clock()
+
+    @property
+    def open_remaining(self) -> float:
+        return (self._opened + self._recovery_timeout) - self._clock()
+
+    def mark_opened(self) -> None:
+        self._opened = self._clock()
 
 
 @dataclass
@@ -56,12 +83,13 @@ class Ticket:
 
 
 class Breaker:
-    def __init__(self, config: BreakerConfig):
+    def __init__(self, config: BreakerConfig, clock=time.monotonic):
         config.validate()
         self.config = config
-        self._cb = CircuitBreaker(failure_threshold=config.failure_threshold,
-                                  recovery_timeout=config.recovery_seconds,
-                                  expected_exception=EngineFailure, name="lawchat-engine")
+        self._cb = _ClockedCircuitBreaker(clock, failure_threshold=config.failure_threshold,
+                                          recovery_timeout=config.recovery_seconds,
+                                          expected_exception=EngineFailure, name="lawchat-engine")
+        self._counted: deque = deque(maxlen=1024)   # keys of failures already counted
         self._lock = threading.Lock()
         self._epoch = 0
         self._probes = 0
@@ -115,11 +143,17 @@ class Breaker:
                 with self._cb:             # no exception: the package resets its count and closes
                     pass
 
-    def failure(self, ticket: Ticket, error: EngineFailure) -> None:
+    def failure(self, ticket: Ticket | None, error: EngineFailure) -> bool:
+        """Count an engine failure once per key (a ticket already settled by its first token still reports a
+        step that failed later); -> whether it was counted."""
         with self._lock:
-            if not self._settle(ticket):
-                return
+            if ticket is not None:
+                self._settle(ticket)
             was = self._cb.state
+            if was == STATE_OPEN or (error.key is not None and error.key in self._counted):
+                return False
+            if error.key is not None:
+                self._counted.append(error.key)
             self.last_failure = error.kind
             try:
                 with self._cb:
@@ -127,9 +161,11 @@ class Breaker:
             except EngineFailure:
                 pass
             if self._cb.state == STATE_OPEN and was != STATE_OPEN:
+                self._cb.mark_opened()
                 self._epoch += 1
                 log.error("circuit breaker OPEN after %d consecutive engine failures (last: %s); canned answers "
                           "for %d s", self._cb.failure_count, error.kind, self.config.recovery_seconds)
+            return True
 
     def ignore(self, ticket: Ticket) -> None:
         """The client left (cancel, deadline) or was refused: neither a success nor a failure of the engine.

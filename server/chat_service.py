@@ -19,9 +19,9 @@ from lawchat.v1 import chat_pb2, chat_pb2_grpc
 from .auth import KeyStore, client_id
 from .breaker import Breaker, EngineFailure
 from .config import ServerConfig
-from .degraded import canned_deltas
+from .degraded import canned_deltas, proxy_can_retry
 from .engine.engine import (EOS, MAX_TOKENS, STOP_SEQUENCE, Chunk, EngineClosed, EngineOverloaded, EngineStalled,
-                            GenerationRequest)
+                            GenerationRequest, InvalidGeneration, StepFailed)
 from .engine_slot import EngineSlot
 from .limiter import Limiter
 from .metrics import Metrics
@@ -75,6 +75,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self.defaults = cfg.generation
         self.limiter, self.breaker, self.keys = limiter, breaker, keys
         self.retriever = retriever
+        self.trusted_proxies = cfg.limits.networks()
         self.stopping = False        # set by the app at shutdown: an engine closing then is not a failure
 
     async def ChatStream(self, request, context) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
@@ -122,6 +123,19 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                                  f"{engine.max_len - 1}")
         return GenerationRequest(prompt_ids, sampling, min(max_new, room), stops, ignore_eos=ignore_eos)
 
+    def _verdict(self, engine, context):
+        """A breaker ticket to use the engine, or the reason for the canned answer. A replica that cannot use
+        its engine refuses with UNAVAILABLE instead when the proxy in front will retry another replica."""
+        if self.slot.restarting or not getattr(engine, "alive", True):
+            verdict = "engine_down"
+        else:
+            verdict = self.breaker.admit()
+        if isinstance(verdict, str) and verdict != "switch" and proxy_can_retry(
+                context.invocation_metadata(), self.cfg.degraded.proxy_attempts):
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"this replica cannot use its model now ({verdict}); the "
+                          "proxy retries another")
+        return verdict
+
     def _admit(self, request, context) -> tuple[str, tuple]:
         """Checks that need no model, cheapest first: serving at all, the request itself, the rate limits."""
         if self.slot.draining:
@@ -131,7 +145,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         parsed = (parse_messages(request, self.defaults), parse_sampling(request, self.defaults),
                   *parse_stopping(request, self.defaults), request.stopping.ignore_eos)
         top_k = self._retrieval_of(request)
-        client = client_id(context, self.keys)
+        client = client_id(context, self.keys, self.trusted_proxies)
         decision = self.limiter.admit(client)
         if not decision.admitted:
             self.metrics.rate_limited.labels(decision.reason).inc()
@@ -157,7 +171,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         await context.send_initial_metadata((("x-request-id", rid),))
         m, breaker = self.metrics, self.breaker
         t0 = time.perf_counter()
-        t_last = ttft = ticket = None
+        t_last = ttft = ticket = engine = None
         code, last, degraded, hits = "OK", None, False, []
         with self.slot.request():
             try:
@@ -172,15 +186,18 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                             raise Refused(grpc.StatusCode.UNAVAILABLE, "statute retrieval is unavailable; retry, or "
                                           "ask without retrieval") from None
                     with self.slot.lease() as engine:
-                        verdict = breaker.admit()
-                        if isinstance(verdict, str):       # breaker open or switch on: no model, the canned answer
+                        verdict = self._verdict(engine, context)
+                        if isinstance(verdict, str):       # breaker open, engine down or switch on: the canned answer
                             degraded, stream = True, self._canned(verdict, hits)
                         else:
                             ticket = verdict
                             gen_request = await asyncio.to_thread(self._build_request, engine, hits, *parsed)
+                            self.limiter.charge_prompt(client, len(gen_request.prompt_ids))
                             stream = engine.stream(gen_request, self.cfg.breaker.stall_seconds)
                         charged, charging = 0, self.limiter.limits_tokens
                         async for chunk in stream:
+                            if ticket is not None and not ticket.settled:
+                                breaker.success(ticket)    # the first token: the engine works (probes judged here)
                             now = time.perf_counter()
                             if ttft is None:
                                 ttft = now - t0
@@ -192,12 +209,10 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                                 self.limiter.charge_tokens(client, chunk.completion_tokens - charged)
                                 charged = chunk.completion_tokens
                             yield chunk, degraded, hits if chunk.finish_reason is not None else []
-                    if ticket is not None:
-                        breaker.success(ticket)
-                except (Refused, InvalidRequest, EngineOverloaded) as e:
+                except (Refused, InvalidRequest, InvalidGeneration, EngineOverloaded) as e:
                     if isinstance(e, Refused):
                         status, ms = e.code, e.retry_after_ms
-                    elif isinstance(e, InvalidRequest):
+                    elif isinstance(e, (InvalidRequest, InvalidGeneration)):
                         status, ms = grpc.StatusCode.INVALID_ARGUMENT, None
                     else:
                         status, ms = grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_RETRY_AFTER_MS
@@ -206,20 +221,34 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     await context.abort(status, message,
                                         trailing_metadata=(("retry-after-ms", str(ms)),) if ms else ())
                 except (EngineStalled, EngineClosed) as e:
-                    kind = "stalled" if isinstance(e, EngineStalled) else "engine_gone"
+                    if isinstance(e, EngineStalled):
+                        failure = EngineFailure("stalled", ("stalled", id(engine), getattr(e, "steps", None)))
+                    else:
+                        failure = EngineFailure("engine_gone", ("engine_gone", id(engine)))
                     if ticket is not None:
-                        if self.stopping and kind == "engine_gone":
+                        if self.stopping and failure.kind == "engine_gone":
                             breaker.ignore(ticket)
-                        else:
-                            m.breaker_failures.labels(kind).inc()
-                            breaker.failure(ticket, EngineFailure(kind))
+                        elif breaker.failure(ticket, failure):
+                            m.breaker_failures.labels(failure.kind).inc()
                     code = "UNAVAILABLE"
                     log.error("request_id=%s engine unavailable: %s", rid, e)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e} (request id {rid})")
-                except Exception:
+                except StepFailed as e:
+                    # one failure per failed step, however many streams it ended; none if the engine pinned it
+                    # on this request alone (the others in its batch went on)
                     if ticket is not None:
+                        if e.isolated:
+                            breaker.ignore(ticket)
+                        elif breaker.failure(ticket, EngineFailure("error", ("step", id(engine), e.step))):
+                            m.breaker_failures.labels("error").inc()
+                    code = "INTERNAL"
+                    log.error("request_id=%s generation failed: %s", rid, e)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed (request id {rid})"
+                                        + ("; this request alone: the others in its batch went on" if e.isolated
+                                           else ""))
+                except Exception:
+                    if ticket is not None and breaker.failure(ticket, EngineFailure("error")):
                         m.breaker_failures.labels("error").inc()
-                        breaker.failure(ticket, EngineFailure("error"))
                     code = "INTERNAL"
                     log.exception("request_id=%s generation failed", rid)
                     await context.abort(grpc.StatusCode.INTERNAL, f"generation failed (request id {rid})")

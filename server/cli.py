@@ -78,6 +78,13 @@ def add_commands(sub) -> None:
                    help="answer with retrieved articles unless a request says otherwise (retrieval.default_enabled)")
     s.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow the model dir's own code (default: the server config's trust_remote_code)")
+    s.add_argument("--api-keys-file", default=None,
+                   help="hashed API keys, lines 'NAME SCOPES SHA256' (auth.keys_file); keys turn auth on")
+    s.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                   help="listen on a non-loopback --host with no API keys (only behind a proxy that authenticates)")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain (tls.cert_file); with --tls-key: TLS")
+    s.add_argument("--tls-key", default=None, help="PEM private key (tls.key_file)")
+    s.add_argument("--tls-client-ca", default=None, help="PEM CA that signs client certificates: mTLS (tls.client_ca_file)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("index", help="build the statute retrieval index (SQLite FTS5 over jieba tokens, BM25)")

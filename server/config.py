@@ -1,8 +1,8 @@
 """config: server settings from configs/server.yaml, overridden by `lawchat serve` flags, validated at start.
 
 Each section is the dataclass of the module it configures (defaults written once, there): generation →
-params, engine → engine/config, limits → limiter, breaker → breaker, degraded → degraded, auth and tls → auth,
-retrieval → retrieval.
+params, engine → engine/config, limits → limiter, breaker → breaker, restart → supervisor, degraded → degraded,
+auth and tls → auth, retrieval → retrieval.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .engine.config import EngineConfig
 from .limiter import LimitsConfig
 from .params import GenerationDefaults
 from .retrieval import RetrievalConfig
+from .supervisor import RestartConfig
 
 
 @dataclass
@@ -38,14 +39,15 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
     degraded: DegradedConfig = field(default_factory=DegradedConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def validate(self) -> None:
-        for section in (self.generation, self.engine, self.limits, self.breaker, self.degraded, self.tls,
-                        self.retrieval):
+        for section in (self.generation, self.engine, self.limits, self.breaker, self.restart, self.degraded,
+                        self.tls, self.retrieval):
             section.validate()
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("port and metrics_port must be in [0, 65535]")
@@ -55,6 +57,11 @@ class ServerConfig:
 
 def _check_type(value, tp, where: str):
     """YAML scalars against the dataclass annotation: int for int, number for float, str, bool, or None."""
+    if typing.get_origin(tp) is list:                     # list[str]
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
     if value is None and type(None) in args:
         return None

@@ -11,10 +11,23 @@ DEFAULT_MESSAGE = ("抱歉，法律小助手现在繁忙，暂时无法回答您
 @dataclass
 class DegradedConfig:
     message: str = DEFAULT_MESSAGE    # the canned answer; say the assistant is busy and where to get human help
+    proxy_attempts: int = 3           # behind Envoy (x-envoy-attempt-count): attempts before this one get
+                                      # UNAVAILABLE instead, so the proxy retries a healthy replica; 0 = off
 
     def validate(self) -> None:
         if not self.message.strip():
             raise ValueError("degraded.message must not be empty")
+        if self.proxy_attempts < 0:
+            raise ValueError("degraded.proxy_attempts must be >= 0")
+
+
+def proxy_can_retry(metadata, proxy_attempts: int) -> bool:
+    """Whether the balancer in front (Envoy's x-envoy-attempt-count) will try another replica if this one says
+    UNAVAILABLE: its attempt number is below the last one it makes."""
+    for key, value in metadata or ():
+        if key == "x-envoy-attempt-count" and isinstance(value, str) and value.isdigit():
+            return int(value) < proxy_attempts
+    return False
 
 
 def canned_deltas(message: str) -> list[str]:

@@ -31,6 +31,7 @@ class EngineSlot:
         self.engine = None                   # None while the first model loads
         self.model_path: Path | None = None
         self.draining = False
+        self.restarting = False              # the supervisor is bringing a dead engine back (canned answers meanwhile)
         self.in_flight = 0
         self._leases: dict[int, int] = {}    # id(engine) -> requests using it
         self._retired: dict[int, object] = {}

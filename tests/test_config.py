@@ -13,7 +13,7 @@ def test_shipped_config_loads_with_its_engine_section():
     cfg = load_server_config(ROOT_CONFIG)
     assert cfg.engine.block_size == 16 and cfg.engine.max_waiting == 64 and cfg.engine.enable_prefix_caching
     assert cfg.limits.client_requests.rate == 20 and cfg.breaker.failure_threshold == 5
-    assert "12348" in cfg.degraded.message and cfg.auth.enabled is False and not cfg.tls.enabled
+    assert "12348" in cfg.degraded.message and cfg.auth.enabled is None and not cfg.tls.enabled
 
 
 def test_serve_with_a_bad_config_exits_2_before_loading(tmp_path):

@@ -2,14 +2,22 @@
 
 Block 0 is never handed out: padded rows of a captured decode batch write their K/V there. A full block is
 registered under a hash chained over every token before it, so a later prompt with the same prefix (a system
-prompt, a repeated conversation) reuses the block instead of recomputing it. Freed blocks keep their hash
+prompt, a repeated conversation) reuses the block instead of recomputing it. The hash is keyed BLAKE2b (a
+secret key per process) over the parent block's digest and the block's token ids: Python's `hash()` of a tuple
+can be made to collide, and a collision would hand one user's cached prefix to another (vLLM's
+CVE-2025-25183). Freed blocks keep their hash
 and content until they are handed out again (least recently freed first), so a prefix survives its request.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
 
 from .sequence import Sequence
+
+_KEY = os.urandom(32)      # per process: block digests are never shared outside it
 
 
 class Block:
@@ -18,12 +26,13 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] = ()
 
 
-def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((prev, token_ids))
+def chain_hash(prev: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """The block's key: keyed BLAKE2b over the parent's digest and the ids (int64 each), 16 bytes."""
+    return hashlib.blake2b((prev or b"") + array("q", token_ids).tobytes(), digest_size=16, key=_KEY).digest()
 
 
 class BlockManager:
@@ -33,7 +42,7 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        self.by_hash: dict[int, int] = {}
+        self.by_hash: dict[bytes, int] = {}
         self.prefix_caching = enable_prefix_caching
         self.prefix_queries = 0     # prompt tokens looked up
         self.prefix_hits = 0        # of those, found in the cache

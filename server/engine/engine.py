@@ -47,6 +47,61 @@ class EngineStalled(Exception):
     """The engine made no step for the caller's stall bound while the caller waited on it (a hang)."""
 
 
+class InvalidGeneration(ValueError):
+    """`Engine.submit` refused a request a step could choke on; `field` names it (INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class StepFailed(Exception):
+    """An engine step raised. `step` numbers the failed step (the breaker counts each once); `isolated`: the
+    step was re-run without this sequence and the others went on, so the cause was this request."""
+
+    def __init__(self, message: str, step: int = -1, isolated: bool = False):
+        super().__init__(message)
+        self.step, self.isolated = step, isolated
+
+
+U64 = 1 << 64
+I64 = 1 << 63
+
+
+def fold_seed(seed: int) -> int:
+    """A uint64 seed as the int64 with the same bits (the sampler hashes the bits: 2**64-1 draws as -1)."""
+    return seed - U64 if seed >= I64 else seed
+
+
+def check_request(request: "GenerationRequest", max_len: int, vocab_size: int) -> None:
+    """Everything a step could choke on, refused before it reaches one (InvalidGeneration)."""
+    ids = request.prompt_ids
+    if not isinstance(ids, list) or not ids:
+        raise InvalidGeneration("prompt_ids", "must be a non-empty list of token ids")
+    if not all(type(t) is int for t in ids) or min(ids) < 0 or max(ids) >= vocab_size:
+        raise InvalidGeneration("prompt_ids", f"token ids must be ints in [0, {vocab_size})")
+    if len(ids) + 1 > max_len:
+        raise InvalidGeneration("prompt_ids", f"a prompt of {len(ids)} tokens does not fit max_len {max_len}")
+    n = request.max_new_tokens
+    if type(n) is not int or not 1 <= n <= max_len - len(ids):
+        raise InvalidGeneration("max_new_tokens", f"must be in [1, {max_len - len(ids)}] for a prompt of {len(ids)} "
+                                f"tokens (max_len {max_len}), got {n!r}")
+    sp = request.sampling
+    if not (isinstance(sp.temperature, (int, float)) and 0.0 <= sp.temperature <= 2.0):   # NaN fails too
+        raise InvalidGeneration("temperature", f"must be in [0, 2], got {sp.temperature!r}")
+    if not (isinstance(sp.top_p, (int, float)) and 0.0 < sp.top_p <= 1.0):
+        raise InvalidGeneration("top_p", f"must be in (0, 1], got {sp.top_p!r}")
+    if type(sp.top_k) is not int or not 0 <= sp.top_k <= vocab_size:
+        raise InvalidGeneration("top_k", f"must be in [0, {vocab_size}] (the vocabulary; 0 = off), got {sp.top_k!r}")
+    if sp.seed is not None and (type(sp.seed) is not int or not 0 <= sp.seed < U64):
+        raise InvalidGeneration("seed", f"must be in [0, 2**64-1], got {sp.seed!r}")
+    stops = request.stop_sequences
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+        raise InvalidGeneration("stop_sequences", "must be a list of non-empty strings")
+    if not isinstance(request.ignore_eos, bool):
+        raise InvalidGeneration("ignore_eos", f"must be a bool, got {request.ignore_eos!r}")
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -77,6 +132,10 @@ class EngineStats:
     prefix_cache_hits: int
     preemptions: int
     steps: int
+
+
+class _LaunchFailed(Exception):
+    """runner.launch raised (the cause is chained): the loop isolates the step."""
 
 
 class _Job:
@@ -129,7 +188,9 @@ async def read_chunks(out: asyncio.Queue, progress=None, stall_seconds: float | 
                 except TimeoutError:
                     now = progress()
                     if now == mark:
-                        raise EngineStalled(f"the engine made no step in {stall_seconds:g} s") from None
+                        stalled = EngineStalled(f"the engine made no step in {stall_seconds:g} s")
+                        stalled.steps = now
+                        raise stalled from None
                     mark = now
         while not out.empty():
             items.append(out.get_nowait())
@@ -157,6 +218,7 @@ class Engine:
         self._closed = False
         self._batch_size = 0
         self._steps = 0
+        self._failed_steps = 0
         self.overlap = self.config.overlap and getattr(runner, "overlap", False)
         self.timing = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "finish": 0.0}   # engine-thread s, profiling
         self._thread = threading.Thread(target=self._loop, name="lawchat-engine", daemon=True)
@@ -212,10 +274,10 @@ class Engine:
 
     # -- caller side ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink, tag=None) -> _Job:
-        """Queue a request (any thread); its chunks go to sink.deliver as (tag, chunk) pairs."""
-        if len(request.prompt_ids) + 1 > self.max_len:
-            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens does not fit max_len {self.max_len}")
-        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        """Queue a request (any thread); its chunks go to sink.deliver as (tag, chunk) pairs.
+        Refuses what a step could choke on (InvalidGeneration): no caller is trusted to have checked."""
+        check_request(request, self.max_len, self.runner.vocab_size)
+        seed = fold_seed(request.sampling.seed) if request.sampling.seed is not None else random.getrandbits(63)
         seq = Sequence(request.prompt_ids, request.sampling, request.max_new_tokens, seed, request.ignore_eos)
         job = _Job(seq, request, self.tokenizer, sink, tag)
         with self._cond:
@@ -274,7 +336,14 @@ class Engine:
                 step.prefill = [(s, n) for s, n in step.prefill if s.status is Status.RUNNING]
                 step.decode = [s for s in step.decode if s.status is Status.RUNNING]
             t1 = time.perf_counter()
-            launched = self._launch(step) if step else None
+            try:
+                launched = self._launch(step) if step else None
+            except _LaunchFailed as e:
+                if in_flight is not None:        # its tokens come before anything re-run now
+                    self._finish(*in_flight)
+                    in_flight = None
+                self._isolate(step, e.__cause__)
+                launched = None
             t2 = time.perf_counter()
             if in_flight is not None:
                 self._finish(*in_flight)
@@ -303,10 +372,11 @@ class Engine:
         self._batch_size = len(step.prefill) + len(step.decode)
         try:
             handle = self.runner.launch(step.prefill, step.decode)
-        except Exception as e:    # never kill the loop: the step's requests get the error, others go on
-            log.exception("engine step failed (%d prefill, %d decode)", len(step.prefill), len(step.decode))
-            self._fail([s for s, _ in step.prefill] + step.decode, e)
-            return None
+        except Exception as e:    # never kill the loop: the loop finds the cause (_isolate)
+            raise _LaunchFailed() from e
+        return self._account(step, handle)
+
+    def _account(self, step, handle):
         for seq, n in step.prefill:
             seq.num_computed += n
         for seq in step.decode:
@@ -318,14 +388,46 @@ class Engine:
             slots.append(len(seq) - 1)
         return step, handle, slots
 
+    def _isolate(self, step, error: BaseException) -> None:
+        """A step raised: run each of its sequences alone (KV writes of the fast path are idempotent, so a
+        re-run is exact) and fail only those that fail alone; the others go on with their token. On a runner
+        whose steps are not safe to re-run (the generic HF path), every sequence of the step fails."""
+        self._failed_steps += 1
+        failed_step = self._failed_steps
+        alive = lambda s: s.status is Status.RUNNING and not s.aborted   # noqa: E731
+        parts = [([(s, n)], []) for s, n in step.prefill if alive(s)] + [([], [s]) for s in step.decode if alive(s)]
+        log.error("engine step failed (%d prefill, %d decode): %s: %s", len(step.prefill), len(step.decode),
+                  type(error).__name__, error)
+        if not getattr(self.runner, "rerunnable", False) or len(parts) <= 1:
+            seqs = [s for p, d in parts for s in [x for x, _ in p] + d]
+            self._fail(seqs, StepFailed(f"generation step failed ({type(error).__name__})", failed_step))
+            return
+        culprits = []
+        for prefill, decode in parts:
+            seq = prefill[0][0] if prefill else decode[0]
+            try:
+                launched = self._account(replace(step, prefill=prefill, decode=decode),
+                                         self.runner.launch(prefill, decode))
+                self._finish(*launched)
+            except Exception as e:
+                culprits.append(seq)
+                log.error("engine step re-run: sequence %d fails alone (%s)", seq.seq_id, type(e).__name__)
+        isolated = len(culprits) < len(parts)
+        self._fail(culprits, StepFailed(f"generation step failed ({type(error).__name__})"
+                                        + (" on this request alone; the others in its batch went on" if isolated
+                                           else ""), failed_step, isolated))
+
     def _finish(self, step, handle, slots: list[int]) -> None:
         """Wait for a launched step's ids, put them in place of its PENDING tokens, finish sequences."""
         t0 = time.perf_counter()
         try:
             sampled, tokens = handle.result()
         except Exception as e:
-            log.exception("engine step failed at its sync (%d sequences)", len(handle.sampled))
-            self._fail([s for s in handle.sampled if s.status is not Status.FINISHED], e)
+            log.error("engine step failed at its sync (%d sequences): %s: %s", len(handle.sampled),
+                      type(e).__name__, e)
+            self._failed_steps += 1
+            self._fail([s for s in handle.sampled if s.status is not Status.FINISHED],
+                       StepFailed(f"generation step failed ({type(e).__name__})", self._failed_steps))
             return
         self.timing["wait"] += time.perf_counter() - t0
         self._steps += 1

@@ -23,12 +23,32 @@ from pathlib import Path
 
 from ..prompt import encode_prompt
 from .config import EngineConfig
-from .engine import Chunk, EngineClosed, EngineOverloaded, EngineStats, GenerationRequest, _put_all, read_chunks
+from .engine import (Chunk, EngineClosed, EngineOverloaded, EngineStats, GenerationRequest, InvalidGeneration,
+                     StepFailed, _put_all, read_chunks)
 
 log = logging.getLogger("lawchat.engine")
 
 STATS_INTERVAL_S = 0.5
 ERRORS = {"EngineClosed": EngineClosed, "EngineOverloaded": EngineOverloaded, "ValueError": ValueError}
+
+
+def error_to_tuple(e: BaseException) -> tuple:
+    """An engine error as it crosses the pipe: (type name, message, details)."""
+    if isinstance(e, InvalidGeneration):
+        return ("InvalidGeneration", str(e), e.field)
+    if isinstance(e, StepFailed):
+        return ("StepFailed", str(e), (e.step, e.isolated))
+    return (type(e).__name__, str(e), None)
+
+
+def error_from_tuple(name: str, message: str, details) -> BaseException:
+    if name == "InvalidGeneration":
+        e = InvalidGeneration(details, "")
+        e.args = (message,)
+        return e
+    if name == "StepFailed":
+        return StepFailed(message, *details)
+    return ERRORS.get(name, RuntimeError)(message)
 
 
 @dataclass
@@ -63,7 +83,7 @@ class _PipeSink:
         out = []
         for rid, item in items:
             if isinstance(item, BaseException):
-                out.append((rid, (type(item).__name__, str(item))))
+                out.append((rid, error_to_tuple(item)))
                 self.jobs.pop(rid, None)
             else:   # a plain tuple pickles several times faster than the dataclass
                 out.append((rid, astuple_chunk(item)))
@@ -151,7 +171,7 @@ class EngineClient:
         msg = self._outputs.recv()
         if msg[0] == "error":
             self._proc.join(10)
-            raise ERRORS.get(msg[1], RuntimeError)(msg[2])
+            raise error_from_tuple(msg[1], msg[2], None)
         self.runner: RunnerInfo = msg[1]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)   # dir checked
         self.device, self.dtype, self.max_len = self.runner.device, self.runner.dtype, self.runner.max_len
@@ -191,6 +211,11 @@ class EngineClient:
         if self._proc.is_alive():
             self._proc.kill()
         self._reader.join(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the engine process (the supervisor's answer to a stall): its streams end UNAVAILABLE."""
+        if self._proc.is_alive():
+            self._proc.kill()
 
     def _send(self, msg) -> None:
         try:
@@ -236,9 +261,11 @@ class EngineClient:
                 self._stats = msg[1]
             elif msg[0] == "closed":
                 break
+        self._closed_by_us = self._closed
         self._closed = True
-        gone = EngineClosed("the engine process stopped")
-        self._dispatch([(rid, ("EngineClosed", str(gone))) for rid in list(self._callers)])
+        gone = EngineClosed("the engine process stopped" if self._closed_by_us else
+                            "the engine process died; the server restarts it")
+        self._dispatch([(rid, ("EngineClosed", str(gone), None)) for rid in list(self._callers)])
 
     def _dispatch(self, items: list) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -246,7 +273,7 @@ class EngineClient:
             caller = self._callers.get(rid)
             if caller is None:                    # it left already
                 continue
-            item = ERRORS.get(item[0], RuntimeError)(item[1]) if len(item) == 2 else Chunk(*item)   # error or chunk
+            item = error_from_tuple(*item) if len(item) == 3 else Chunk(*item)   # error or chunk
             by_loop.setdefault(caller[0], []).append((caller[1], item))
         for loop, batch in by_loop.items():
             try:

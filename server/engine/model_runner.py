@@ -107,6 +107,7 @@ class BaseRunner:
         self.attention_backend = "hf"
         self.graph_batch_sizes: list[int] = []
         self.overlap = False            # launch() may return before the step is done (fast path only)
+        self.rerunnable = False         # a failed step may be launched again, in parts (the engine isolates it)
 
     def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
         """launch() and wait for the sampled ids."""
@@ -165,6 +166,7 @@ class FastRunner(BaseRunner):
 
     def __init__(self, model_dir: Path, hf, tokenizer, device: torch.device, config: EngineConfig):
         super().__init__(model_dir, hf.config, hf.generation_config, tokenizer, device, hf.dtype, config)
+        self.rerunnable = True     # a step only writes K/V at its own slots: running it again writes the same
         self.model = FastModel(hf)
         del hf
         if device.type == "cuda":

@@ -31,7 +31,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed = 0                 # tokens whose K/V are in the cache
         self.hashed_blocks = 0                # leading blocks registered in the prefix cache
-        self.last_hash: int | None = None     # hash of the last of those            # prompt tokens found in the prefix cache at admission
+        self.last_hash: bytes | None = None   # digest of the last of those            # prompt tokens found in the prefix cache at admission
         self.finish_reason: str | None = None
         self.aborted = False                  # set outside the engine thread (client gone, deadline, stop
                                               # sequence matched): the engine drops it at its next step
