@@ -198,7 +198,8 @@ def test_breaker_closed_open_half_open_closed(runner):
 
 
 def test_client_cancel_and_deadline_are_not_engine_successes(runner):
-    """The circuitbreaker package would reset its failure count on CancelledError; here it must not."""
+    """The circuitbreaker package would reset its failure count on CancelledError; here it must not. A request
+    that left before its first token is neither a failure nor a success (the first token is the success)."""
     faulty = FaultyRunner(runner, delay=0.02)
     cfg = ServerConfig(port=0, breaker=BreakerConfig(failure_threshold=2, recovery_seconds=60))
     srv = InProcessServer(faulty, cfg)
@@ -208,13 +209,15 @@ def test_client_cancel_and_deadline_are_not_engine_successes(runner):
             with pytest.raises(LawchatError):
                 ask(c)
             assert c.status()["breaker"]["consecutive_failures"] == 1
-            stream = c.chat_stream(QUESTION, max_new_tokens=300, ignore_eos=True)
-            it = iter(stream)
-            next(it)
-            stream.cancel()                                        # a client that leaves
+            faulty.set_mode("hang")                                # nobody gets a first token now
+            stub = chat_pb2_grpc.ChatServiceStub(c._channel)
+            leaving = stub.Chat.future(chat_pb2.ChatRequest(messages=[chat_pb2.Message(role="user", content=QUESTION)]))
+            assert wait_until(lambda: faulty.calls >= 2)
+            leaving.cancel()                                       # a client that leaves
             with pytest.raises(LawchatError) as e:
                 ask(c, n=300, timeout=0.5)                         # a client whose deadline passes
             assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            faulty.set_mode("ok")
             assert wait_until(lambda: engine_of(srv).running == 0)
             assert c.status()["breaker"]["consecutive_failures"] == 1   # neither counted nor reset
             faulty.fail_steps = 1
@@ -223,6 +226,7 @@ def test_client_cancel_and_deadline_are_not_engine_successes(runner):
             assert breaker_state(c) == "BREAKER_STATE_OPEN"        # so the next real failure opens it
             assert ask(c)[0].degraded
     finally:
+        faulty.set_mode("ok")
         srv.stop()
 
 
@@ -331,7 +335,8 @@ def test_drain_refuses_new_requests_while_in_flight_finish(runner):
 
 
 def test_port_is_bound_before_the_model_loads_and_chat_waits_for_it(tiny_model):
-    """While the first model loads: the port answers, health is NOT_SERVING, chat is UNAVAILABLE."""
+    """While the first model loads: the port answers, ChatService health is NOT_SERVING (liveness SERVING: a
+    loading server must not be restarted), chat is UNAVAILABLE."""
     from lawchat_server.app import build_app, start_app, stop_app
     from lawchat_server.engine_slot import EngineSlot
 
@@ -342,8 +347,12 @@ def test_port_is_bound_before_the_model_loads_and_chat_waits_for_it(tiny_model):
         target = f"127.0.0.1:{app.port}"
         try:
             async with grpc.aio.insecure_channel(target) as ch:
-                h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+                health = health_pb2_grpc.HealthStub(ch)
+                h = await health.Check(health_pb2.HealthCheckRequest(service="lawchat.v1.ChatService"))
                 assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", "liveness"):
+                    h = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                    assert h.status == health_pb2.HealthCheckResponse.SERVING
                 call = chat_pb2_grpc.ChatServiceStub(ch).Chat(
                     chat_pb2.ChatRequest(messages=[chat_pb2.Message(role="user", content=QUESTION)]), timeout=10)
                 with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -351,7 +360,7 @@ def test_port_is_bound_before_the_model_loads_and_chat_waits_for_it(tiny_model):
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in e.value.details()
                 slot.set(await asyncio.to_thread(loader, tiny_model), tiny_model)
                 deadline = time.monotonic() + 5
-                while (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))).status \
+                while (await health.Check(health_pb2.HealthCheckRequest(service="lawchat.v1.ChatService"))).status \
                         != health_pb2.HealthCheckResponse.SERVING:
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.1)

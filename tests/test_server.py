@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 from lawchat_client import LawchatClient, LawchatError, NO_RETRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -221,25 +222,76 @@ def engine_child(srv) -> int:
     return engines[0]
 
 
-def test_engine_runs_in_its_own_process_and_its_death_is_unavailable(tiny_model, tmp_path):
+def chat_health(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="lawchat.v1.ChatService"),
+                                                     timeout=5).status
+
+
+def test_engine_process_killed_under_load_is_restarted(tiny_model, tmp_path):
+    """SIGKILL the engine process with streams in flight: they end UNAVAILABLE saying why, nothing hangs, new
+    requests get the canned answer meanwhile, ChatService health goes NOT_SERVING, and the supervisor brings
+    the model back within a bounded time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from conftest import start_server
     srv = start_server(tiny_model, tmp_path / "own.log")
     try:
         child = engine_child(srv)
-        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c:
-            # the engine's answer crosses the process boundary intact: the same as in-process greedy
+        with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c, ThreadPoolExecutor(4) as pool:
+            # the engine's answer crosses the process boundary intact
             r = c.chat(QUESTION, max_new_tokens=12, ignore_eos=True)
-            assert r.completion_tokens == 12 and r.text
-            stream = c.chat_stream(QUESTION, max_new_tokens=2000, ignore_eos=True)
-            it = iter(stream)
-            next(it)
-            os.kill(child, signal.SIGKILL)              # the engine process dies mid-stream
-            with pytest.raises(LawchatError) as e:
-                list(it)
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE
-            with pytest.raises(LawchatError) as e:      # and later requests are refused, not left hanging
-                c.chat(QUESTION, max_new_tokens=3, timeout=10)
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            assert r.completion_tokens == 12 and r.text and not r.degraded
+            streams = [c.chat_stream(QUESTION, max_new_tokens=2000, ignore_eos=True) for _ in range(4)]
+            its = [iter(s) for s in streams]
+            for it in its:
+                next(it)
+            os.kill(child, signal.SIGKILL)              # the engine process dies mid-stream, under load
+            for fut in [pool.submit(list, it) for it in its]:
+                with pytest.raises(LawchatError) as e:
+                    fut.result(30)                      # bounded: nothing hangs
+                assert e.value.code == grpc.StatusCode.UNAVAILABLE and "restarts it" in e.value.details
+            t0 = time.monotonic()
+            saw_not_serving = chat_health(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+            degraded = 0
+            while True:                                 # canned answers meanwhile, then the model again
+                r = c.chat(QUESTION, max_new_tokens=3, ignore_eos=True, timeout=10)
+                if not r.degraded:
+                    break
+                degraded += 1
+                saw_not_serving |= chat_health(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert time.monotonic() - t0 < 60, "the engine was not restarted"
+                time.sleep(0.2)
+            assert r.completion_tokens == 3 and degraded >= 1 and saw_not_serving
+            assert engine_child(srv) != child
+            deadline = time.monotonic() + 5               # health is polled every 0.5 s
+            while chat_health(srv.target) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert "engine restarted" in srv.log_text()
+    finally:
+        srv.stop()
+
+
+def test_server_exits_3_when_the_engine_cannot_be_restarted(tiny_model, tmp_path):
+    """The model dir is gone when the engine dies: restarts fail, the server gives up and exits 3 (the
+    orchestrator's cue), liveness NOT_SERVING first."""
+    import shutil
+
+    import yaml
+
+    from conftest import ROOT, start_server
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg = yaml.safe_load((ROOT / "configs" / "server.yaml").read_text(encoding="utf-8"))
+    cfg["restart"].update(max_restarts=2, backoff_seconds=0.1, backoff_max_seconds=0.2)
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    srv = start_server(model, tmp_path / "own.log", "--config", str(tmp_path / "server.yaml"))
+    try:
+        shutil.rmtree(model)
+        os.kill(engine_child(srv), signal.SIGKILL)
+        assert srv.proc.wait(60) == 3
+        assert "giving up on the engine (2 engine restarts" in srv.log_text()
     finally:
         srv.stop()
 
