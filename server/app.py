@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +72,16 @@ class App:
     stop: asyncio.Event | None = None   # set by the supervisor when it gives up (serve() then exits 3)
 
 
-def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
+def build_app(cfg: ServerConfig, slot: EngineSlot, clock=time.monotonic) -> App:
     """Services on a grpc.aio server bound to cfg.host:cfg.port (0 = a free port); nothing started yet.
-    The slot may still be empty: the port is taken before the model loads, so a clash fails at once."""
+    The slot may still be empty: the port is taken before the model loads, so a clash fails at once.
+    `clock` drives the breaker's and the supervisor's windows (tests step it)."""
     keys = KeyStore(cfg.auth)
     if not keys.enabled and cfg.host not in LOOPBACK and not cfg.auth.allow_unauthenticated:
         raise ValueError(f"refusing to listen on {cfg.host} without API keys: anyone who reaches it could chat and "
                          "use AdminService (reload, drain, limits). Give keys (--api-keys-file, $LAWCHAT_API_KEYS; "
                          "`lawchat keys new NAME`), or pass --allow-unauthenticated if a proxy in front authenticates")
-    limiter, breaker, metrics = Limiter(cfg.limits), Breaker(cfg.breaker), Metrics()
+    limiter, breaker, metrics = Limiter(cfg.limits), Breaker(cfg.breaker, clock), Metrics()
     metrics.watch(slot, breaker)
     transport_cap = max(4 << 20, 4 * cfg.generation.max_request_bytes)   # above it gRPC itself answers RESOURCE_EXHAUSTED
     # so_reuseport off: a second server on a taken port must fail, not silently share it
@@ -120,7 +122,7 @@ def build_app(cfg: ServerConfig, slot: EngineSlot) -> App:
         if app.stop is not None:
             app.stop.set()
 
-    supervisor = Supervisor(slot, cfg.restart, cfg.breaker.stall_seconds, give_up)
+    supervisor = Supervisor(slot, cfg.restart, cfg.breaker.stall_seconds, give_up, clock)
     app = App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port, supervisor)
     return app
 
@@ -187,13 +189,14 @@ class ThreadedServer:
     """build_app + start_app on an event loop in a daemon thread, for sync callers (benchmarks, tests, notebooks).
     `engine` is an Engine not yet started; `loader` (model dir -> started engine) enables ReloadModel."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig, model_name: str = "model", loader=None):
+    def __init__(self, engine: Engine, cfg: ServerConfig, model_name: str = "model", loader=None,
+                 clock=time.monotonic):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="lawchat-grpc", daemon=True).start()
         slot = EngineSlot(loader)
 
         async def build_and_start():   # grpc.aio objects belong to the loop they are made on
-            app = build_app(cfg, slot)
+            app = build_app(cfg, slot, clock)
             await start_app(app)
             engine.start()
             slot.set(engine, Path(model_name))
@@ -287,15 +290,20 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
     return 0
 
 
-def serve_from_cli(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cfg = load_server_config(args.config, host=args.host, port=args.port, metrics_host=args.metrics_host,
+def config_from_args(args) -> ServerConfig:
+    """`lawchat serve` flags over the YAML config (the manifests' command lines are checked through this)."""
+    return load_server_config(args.config, host=args.host, port=args.port, metrics_host=args.metrics_host,
                              metrics_port=args.metrics_port,
                              device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                              retrieval={"index": args.retrieval_index, "default_enabled": args.retrieval_default},
                              auth={"keys_file": args.api_keys_file, "allow_unauthenticated": args.allow_unauthenticated},
                              tls={"cert_file": args.tls_cert, "key_file": args.tls_key,
                                   "client_ca_file": args.tls_client_ca})
+
+
+def serve_from_cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg = config_from_args(args)
     try:
         return asyncio.run(serve(args.model, cfg))
     except OSError as e:

@@ -71,8 +71,11 @@ class _ClockedCircuitBreaker(CircuitBreaker):
     def open_remaining(self) -> float:
         return (self._opened + self._recovery_timeout) - self._clock()
 
-    def mark_opened(self) -> None:
-        self._opened = self._clock()
+    def _CircuitBreaker__call_failed(self) -> None:     # the package's rule, its open time on our clock
+        self._failure_count += 1
+        if self._failure_count >= self._failure_threshold:
+            self._state = STATE_OPEN
+            self._opened = self._clock()
 
 
 @dataclass
@@ -161,7 +164,6 @@ class Breaker:
             except EngineFailure:
                 pass
             if self._cb.state == STATE_OPEN and was != STATE_OPEN:
-                self._cb.mark_opened()
                 self._epoch += 1
                 log.error("circuit breaker OPEN after %d consecutive engine failures (last: %s); canned answers "
                           "for %d s", self._cb.failure_count, error.kind, self.config.recovery_seconds)

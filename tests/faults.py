@@ -41,14 +41,44 @@ class FaultyRunner:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         if self.mode == "hang":
             self._unhang.wait(60)
+            if self.mode == "raise":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         time.sleep(self.delay)
         self.decoded += len(decode)
         return self.inner.launch(prefill, decode)
 
 
-def InProcessServer(runner, cfg: ServerConfig | None = None, loader=None, **engine_cfg) -> ThreadedServer:
+def InProcessServer(runner, cfg: ServerConfig | None = None, loader=None, clock=time.monotonic,
+                    **engine_cfg) -> ThreadedServer:
     cfg = cfg or ServerConfig(port=0)
-    return ThreadedServer(Engine(runner, EngineConfig(**engine_cfg)), cfg, "tiny", loader=loader)
+    return ThreadedServer(Engine(runner, EngineConfig(**engine_cfg)), cfg, "tiny", loader=loader, clock=clock)
+
+
+class Clock:
+    """A monotonic clock that tests step by hand."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class PoisonRunner(FaultyRunner):
+    """The real runner, except that any step holding a sequence whose prompt contains `poison` (a token id)
+    raises, as a kernel would on a bad input: the engine must pin it on that sequence alone."""
+
+    def __init__(self, runner, poison: int, **kw):
+        super().__init__(runner, **kw)
+        self.poison = poison
+        self.failed = 0
+
+    def launch(self, prefill, decode):
+        seqs = [s for s, _ in prefill] + list(decode)
+        if any(self.poison in s.token_ids[:s.num_prompt] for s in seqs):
+            self.failed += 1
+            raise RuntimeError("index out of range in self (injected)")
+        return super().launch(prefill, decode)
 
 
 def engine_of(srv: ThreadedServer):

@@ -134,6 +134,55 @@ def test_auth_on_without_keys_is_a_config_error(runner, monkeypatch):
         build_app(ServerConfig(port=0, auth=AuthConfig(enabled=True)), EngineSlot())
 
 
+def test_keys_turn_auth_on_and_an_explicit_false_beside_them_is_refused(runner, keys, monkeypatch):
+    from lawchat_server.app import build_app
+    from lawchat_server.engine_slot import EngineSlot
+    monkeypatch.delenv("LAWCHAT_API_KEYS", raising=False)
+    srv = InProcessServer(runner, ServerConfig(port=0, auth=AuthConfig(keys_file=str(keys[0]))))   # enabled unset
+    try:
+        with LawchatClient(srv.target, retry=NO_RETRY) as anonymous:
+            with pytest.raises(LawchatError) as e:
+                anonymous.chat(QUESTION, max_new_tokens=1)
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="keys always turn auth on"):
+        build_app(ServerConfig(port=0, auth=AuthConfig(enabled=False, keys_file=str(keys[0]))), EngineSlot())
+
+
+def serve_cmd(tiny_model, *extra) -> list[str]:
+    return [str(BIN / "lawchat"), "serve", "--model", str(tiny_model), "--port", "0", "--metrics-port", "0", *extra]
+
+
+def test_a_non_loopback_address_needs_keys_or_an_explicit_flag(tiny_model, keys, tmp_path):
+    """127.0.0.2 stands for any address other machines could reach (it is not 127.0.0.1/localhost/::1)."""
+    import os
+
+    from conftest import start_server
+    env = {k: v for k, v in os.environ.items() if k != "LAWCHAT_API_KEYS"}
+    r = subprocess.run(serve_cmd(tiny_model, "--host", "127.0.0.2"), capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 2 and "refusing to listen on 127.0.0.2 without API keys" in r.stderr, r.stderr
+    srv = start_server(tiny_model, tmp_path / "open.log", "--host", "127.0.0.2", "--allow-unauthenticated")
+    try:
+        assert "AUTH IS OFF" in srv.log_text() and "--allow-unauthenticated" in srv.log_text()
+    finally:
+        srv.stop()
+    srv = start_server(tiny_model, tmp_path / "keys.log", "--host", "127.0.0.2", "--api-keys-file", str(keys[0]))
+    try:
+        with LawchatClient(srv.target, retry=NO_RETRY) as anonymous, \
+                LawchatClient(srv.target, api_key=keys[1], retry=NO_RETRY, timeout=60) as alice:
+            with pytest.raises(LawchatError) as e:
+                anonymous.chat(QUESTION, max_new_tokens=1)
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert alice.chat(QUESTION, max_new_tokens=2, ignore_eos=True).completion_tokens == 2
+            with pytest.raises(LawchatError) as e:
+                alice.status()
+            assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        srv.stop()
+
+
 # -- TLS -----------------------------------------------------------------------------------------------------
 def _cert(subject: str, issuer_key, issuer_name, key, ca: bool, sans=()) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)

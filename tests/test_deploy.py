@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import yaml
 
 from conftest import BIN, ROOT
@@ -55,3 +56,31 @@ def test_manifests_fit_together():
     # SIGTERM drain fits in the pod's grace period
     grace = yaml.safe_load((ROOT / "configs" / "server.yaml").read_text(encoding="utf-8"))["grace_seconds"]
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+
+
+def test_the_manifest_command_line_serves_locked(monkeypatch):
+    """The Deployment's args and env, rendered as the pod would run them: auth on from the required Secret,
+    0.0.0.0 accepted only because keys are there, probes on the health names that mean readiness and liveness."""
+    from lawchat_cli.main import build_parser
+    from lawchat_server.app import build_app, config_from_args
+    from lawchat_server.auth import KeyStore, hash_key
+    from lawchat_server.engine_slot import EngineSlot
+    dep = manifests()["Deployment/lawchat"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    (env,) = [e for e in c["env"] if e["name"] == "LAWCHAT_API_KEYS"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "lawchat-api-keys", "key": "keys", "optional": False}
+    assert c["readinessProbe"]["grpc"]["service"] == "lawchat.v1.ChatService"
+    assert c["startupProbe"]["grpc"]["service"] == "lawchat.v1.ChatService"
+    assert c["livenessProbe"]["grpc"]["service"] == "liveness"
+    args = build_parser().parse_args(c["args"][1:])
+    args.port = args.metrics_port = 0                     # the pod's ports, free ones here
+    args.host = "127.0.0.2"                               # not loopback-only, like the pod's 0.0.0.0
+    cfg = config_from_args(args)
+    assert not cfg.auth.allow_unauthenticated
+    monkeypatch.delenv("LAWCHAT_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="without API keys"):   # the Secret missing: refused, not served open
+        build_app(cfg, EngineSlot())
+    monkeypatch.setenv("LAWCHAT_API_KEYS", f"ops chat,admin {hash_key('k1')}")   # what the Secret puts there
+    assert KeyStore(cfg.auth).enabled
+    app = build_app(cfg, EngineSlot())
+    assert app.keys.enabled and app.port > 0

@@ -87,3 +87,62 @@ def test_update_changes_rates_in_place_and_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown limit"):
         lim.update(everyone=Rate(rate=1))
     assert lim.config.client_requests == Rate(10, 2)    # a rejected update changes nothing
+
+
+def test_a_debt_survives_any_number_of_clients_passing_by():
+    """Eviction used to forget a client that owed (its LRU entry went when 100 others came): not any more."""
+    clock = Clock()
+    lim = Limiter(LimitsConfig(client_tokens=Rate(rate=1, burst=10), max_clients=10), clock)
+    assert lim.admit("debtor").admitted
+    lim.charge_tokens("debtor", 100)                  # 90 in debt: 90 s at 1 token/s
+    for i in range(1000):
+        lim.admit(f"passer-{i}")
+        clock.t += 0.01
+        assert lim.num_clients <= 10
+    d = lim.admit("debtor")
+    assert not d.admitted and d.reason == "client_tokens" and d.retry_after == pytest.approx(80, abs=0.5)
+
+
+def test_when_every_entry_owes_new_clients_share_one_overflow_bucket():
+    clock = Clock()
+    lim = Limiter(LimitsConfig(client_requests=Rate(rate=0.01, burst=1), max_clients=3), clock)
+    for name in ("a", "b", "c"):
+        assert lim.admit(name).admitted              # each now owes its request token for 100 s
+    assert lim.admit("new-1").admitted               # the overflow entry's one token ...
+    for i in range(50):                              # ... and a flood of fresh identities buys no more
+        assert not lim.admit(f"new-{i + 2}").admitted
+    assert lim.num_clients == 3
+    clock.t += 100                                   # all refilled: entries can go, new clients get their own
+    assert lim.admit("later").admitted and lim.admit("later-2").admitted
+
+
+def test_prompt_tokens_are_charged_at_their_weight():
+    clock = Clock()
+    lim = Limiter(LimitsConfig(client_tokens=Rate(rate=10, burst=10), prompt_token_weight=0.5), clock)
+    assert lim.admit("a").admitted
+    lim.charge_prompt("a", 100)                      # 50 tokens' worth: 40 in debt
+    d = lim.admit("a")
+    assert not d.admitted and d.retry_after == pytest.approx(4.0)
+    free = Limiter(LimitsConfig(client_tokens=Rate(rate=10, burst=10)), clock)
+    free.admit("a")
+    free.charge_prompt("a", 100)                     # weight 0: prompts are free
+    assert free.admit("a").admitted
+    with pytest.raises(ValueError, match="prompt_token_weight"):
+        Limiter(LimitsConfig(prompt_token_weight=float("nan")))
+
+
+@pytest.mark.parametrize("peer, xff, trusted, want", [
+    ("ipv4:10.0.0.5:1234", "203.0.113.9", [], "10.0.0.5"),                        # no proxies trusted: the peer
+    ("ipv4:10.0.0.5:1234", "203.0.113.9", ["10.0.0.0/8"], "203.0.113.9"),          # from Envoy: the client
+    ("ipv4:10.0.0.5:1234", "6.6.6.6, 203.0.113.9", ["10.0.0.0/8"], "203.0.113.9"),  # a forged left entry: ignored
+    ("ipv4:10.0.0.5:1234", "203.0.113.9, 10.0.0.7", ["10.0.0.0/8"], "203.0.113.9"),  # two proxy hops
+    ("ipv4:192.0.2.1:1234", "203.0.113.9", ["10.0.0.0/8"], "192.0.2.1"),           # not from a proxy: the peer
+    ("ipv6:[::1]:1234", "2001:db8::7", ["::1"], "2001:db8::7"),
+    ("ipv4:10.0.0.5:1234", None, ["10.0.0.0/8"], "10.0.0.5"),
+])
+def test_client_address_believes_x_forwarded_for_only_from_trusted_proxies(peer, xff, trusted, want):
+    from lawchat_server.limiter import client_address
+    nets = LimitsConfig(trusted_proxies=trusted).networks()
+    assert client_address(peer, xff, nets) == want
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        LimitsConfig(trusted_proxies=["not-an-ip"]).validate()
