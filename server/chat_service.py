@@ -168,7 +168,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
 
     async def _generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool, list[Hit]]]:
         rid = request_id_of(context)
-        await context.send_initial_metadata((("x-request-id", rid),))
+        trailer = (("x-request-id", rid),)
         m, breaker = self.metrics, self.breaker
         t0 = time.perf_counter()
         t_last = ttft = ticket = engine = None
@@ -196,6 +196,10 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                             stream = engine.stream(gen_request, self.cfg.breaker.stall_seconds)
                         charged, charging = 0, self.limiter.limits_tokens
                         async for chunk in stream:
+                            if last is None:
+                                # headers with the first chunk: an error before it is a trailers-only response,
+                                # which a proxy (Envoy's retry_on: unavailable) may retry on another replica
+                                await context.send_initial_metadata(trailer)
                             if ticket is not None and not ticket.settled:
                                 breaker.success(ticket)    # the first token: the engine works (probes judged here)
                             now = time.perf_counter()
@@ -219,7 +223,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     code = status.name
                     message = f"server overloaded ({e}); retry later" if isinstance(e, EngineOverloaded) else str(e)
                     await context.abort(status, message,
-                                        trailing_metadata=(("retry-after-ms", str(ms)),) if ms else ())
+                                        trailing_metadata=trailer + ((("retry-after-ms", str(ms)),) if ms else ()))
                 except (EngineStalled, EngineClosed) as e:
                     if isinstance(e, EngineStalled):
                         failure = EngineFailure("stalled", ("stalled", id(engine), getattr(e, "steps", None)))
@@ -232,7 +236,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                             m.breaker_failures.labels(failure.kind).inc()
                     code = "UNAVAILABLE"
                     log.error("request_id=%s engine unavailable: %s", rid, e)
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e} (request id {rid})")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e} (request id {rid})", trailing_metadata=trailer)
                 except StepFailed as e:
                     # one failure per failed step, however many streams it ended; none if the engine pinned it
                     # on this request alone (the others in its batch went on)
@@ -245,13 +249,14 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     log.error("request_id=%s generation failed: %s", rid, e)
                     await context.abort(grpc.StatusCode.INTERNAL, f"generation failed (request id {rid})"
                                         + ("; this request alone: the others in its batch went on" if e.isolated
-                                           else ""))
+                                           else ""), trailing_metadata=trailer)
                 except Exception:
                     if ticket is not None and breaker.failure(ticket, EngineFailure("error")):
                         m.breaker_failures.labels("error").inc()
                     code = "INTERNAL"
                     log.exception("request_id=%s generation failed", rid)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed (request id {rid})")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed (request id {rid})",
+                                        trailing_metadata=trailer)
             except (asyncio.CancelledError, GeneratorExit):
                 remaining = context.time_remaining()   # the client's own deadline cancel can beat the server's timer
                 code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"

@@ -2,6 +2,7 @@
 replicas (tiny model); streams go through Envoy; one replica is killed mid-run."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -157,3 +158,54 @@ def test_envoy_takes_a_draining_replica_out_by_its_grpc_health(two_replicas_behi
         for _ in range(6):
             assert client.chat(QUESTION, max_new_tokens=4).completion_tokens == 4
     assert requests_served(a) == served_a and requests_served(b) == served_b + 6
+
+
+def test_a_replica_whose_engine_dies_leaves_the_pool_and_only_its_streams_fail(two_replicas_behind_envoy):
+    """Replica a's engine process is killed (SIGKILL) while streams run on both replicas. Only the streams
+    already on a end (UNAVAILABLE); every request started afterwards succeeds with the model's answer: a says
+    NOT_SERVING on lawchat.v1.ChatService (Envoy's health check takes it out), and until Envoy has seen that,
+    a answers Envoy's marked attempts with UNAVAILABLE so that Envoy retries them on b. Then a's supervisor
+    brings its engine back."""
+    from test_server import chat_health, engine_child
+    target, a, b, admin_port = two_replicas_behind_envoy
+    client = LawchatClient(target, retry=NO_RETRY, timeout=60)
+    outcomes: list = []
+    started = threading.Barrier(7)
+
+    def long_stream():
+        stream = client.chat_stream(QUESTION, max_new_tokens=400, ignore_eos=True)
+        try:
+            it = iter(stream)
+            next(it)
+            started.wait(30)
+            for _ in it:
+                pass
+            outcomes.append(("OK", stream.completion_tokens))
+        except LawchatError as e:
+            outcomes.append((e.code.name, None))
+    threads = [threading.Thread(target=long_stream) for _ in range(6)]
+    for t in threads:
+        t.start()
+    started.wait(30)
+    on_a = running(a)
+    os.kill(engine_child(a), signal.SIGKILL)
+    late = []                                  # requests started after the kill, before Envoy can know
+    for _ in range(12):
+        r = client.chat(QUESTION, max_new_tokens=4, ignore_eos=True)
+        late.append((r.completion_tokens, r.degraded))
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a stream hung after its replica's engine died"
+    assert 0 < on_a < 6 and sorted(outcomes) == sorted([("OK", 400)] * (6 - on_a) + [("UNAVAILABLE", None)] * on_a)
+    assert late == [(4, False)] * 12           # no client beyond those on a saw the failure, not even canned text
+    deadline = time.monotonic() + 10
+    while healthy_hosts(admin_port) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert healthy_hosts(admin_port) == 1
+    deadline = time.monotonic() + 60           # a's supervisor restarts its engine
+    while chat_health(a.target) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with LawchatClient(a.target, retry=NO_RETRY, timeout=30) as direct:
+        r = direct.chat(QUESTION, max_new_tokens=4, ignore_eos=True)
+        assert r.completion_tokens == 4 and not r.degraded
+    client.close()
