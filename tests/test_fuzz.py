@@ -38,7 +38,7 @@ METADATA = st.lists(st.tuples(st.sampled_from(["x-request-id", "x-api-key", "x-o
                     max_size=3)
 
 
-def oracle(msgs, temperature, top_p, max_new, stops, size: int) -> tuple[str | None, str]:
+def oracle(msgs, temperature, top_p, max_new, stops, size: int, top_k=None, vocab=None) -> tuple[str | None, str]:
     """(INVALID_ARGUMENT and a phrase its message must hold) or OK; None when only the tokenizer can tell
     (a prompt near the tiny model's length limit)."""
     bad = "INVALID_ARGUMENT"
@@ -73,16 +73,24 @@ def oracle(msgs, temperature, top_p, max_new, stops, size: int) -> tuple[str | N
             return bad, f"stopping.stop_sequences[{i}] must have"
     if sum(len(c) for _, c in msgs) > 200:      # the tiny model's max_len: may not fit
         return None, ""
+    if top_k is not None and top_k > vocab:     # the engine's own check: top_k against the vocabulary
+        return bad, "top_k: must be in [0,"
     return "OK", ""
 
 
 @pytest.fixture(scope="module")
-def stub(tiny_model):
-    srv = InProcessServer(load_runner(tiny_model, device="cpu"), ServerConfig(port=0))
+def served(tiny_model):
+    runner = load_runner(tiny_model, device="cpu")
+    srv = InProcessServer(runner, ServerConfig(port=0))
     channel = grpc.insecure_channel(srv.target)
-    yield chat_pb2_grpc.ChatServiceStub(channel)
+    yield chat_pb2_grpc.ChatServiceStub(channel), runner.vocab_size
     channel.close()
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(served):
+    return served[0]
 
 
 # derandomize: the same examples in every run, so CI is repeatable
@@ -107,8 +115,9 @@ def stub(tiny_model):
 @example(msgs=[("user", "问")], temperature=None, top_p=None, top_k=None, seed=None, max_new=2,
          stops=["a"] * (D.max_stop_sequences + 1), ignore_eos=False, metadata=[("x-request-id", " bad id; DROP TABLE ")],
          streaming=True)
-def test_fuzzed_requests_get_the_right_status(stub, msgs, temperature, top_p, top_k, seed, max_new, stops,
+def test_fuzzed_requests_get_the_right_status(served, msgs, temperature, top_p, top_k, seed, max_new, stops,
                                               ignore_eos, metadata, streaming):
+    stub, vocab = served
     sampling = chat_pb2.SamplingParameters()
     for name, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if v is not None:
@@ -120,7 +129,7 @@ def test_fuzzed_requests_get_the_right_status(stub, msgs, temperature, top_p, to
     # the oracle sees what went over the wire (float32)
     want, needle = oracle(msgs, sampling.temperature if temperature is not None else None,
                   sampling.top_p if top_p is not None else None, max_new, stops,
-                  chat_pb2.ChatRequest(**kw).ByteSize())
+                  chat_pb2.ChatRequest(**kw).ByteSize(), top_k, vocab)
     try:
         if streaming:
             out = list(stub.ChatStream(chat_pb2.ChatStreamRequest(**kw), metadata=metadata, timeout=60))
@@ -145,3 +154,68 @@ def test_server_still_serves_after_fuzzing(stub):
                                        stopping=chat_pb2.StoppingCriteria(max_new_tokens=3, ignore_eos=True)),
                   timeout=30)
     assert r.usage.completion_tokens == 3
+
+
+# -- blast radius: valid requests at every boundary, with ordinary streams beside them -----------------------
+ORDINARY = "试用期最长可以约定多久？"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model):
+    """A server whose breaker opens on the first counted failure: any harm done to the engine shows."""
+    from lawchat_client import LawchatClient, NO_RETRY
+
+    from lawchat_server.breaker import BreakerConfig
+    runner = load_runner(tiny_model, device="cpu")
+    srv = InProcessServer(runner, ServerConfig(port=0, breaker=BreakerConfig(failure_threshold=1)))
+    client = LawchatClient(srv.target, timeout=120, retry=NO_RETRY)
+    reference = client.chat(ORDINARY, max_new_tokens=8, ignore_eos=True).text
+    def fits(n: int) -> bool:             # a prompt leaves room for at least one token
+        return len(runner.encode_chat([{"role": "user", "content": "法" * n}])) < runner.max_len
+    room = [n for n in range(1, 600) if not fits(n)][0]     # "法" * room is the first prompt that does not fit
+    yield srv, client, reference, runner.vocab_size, room, fits
+    client.close()
+    srv.stop()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(temperature=st.sampled_from([1e-6, 0.7, 1.0, 2.0]), top_p=st.sampled_from([1e-6, 0.3, 1.0]),
+       top_k=st.sampled_from([0, 1, "V-1", "V", "V+1", 2**31, 2**32 - 1]),
+       seed=st.one_of(st.integers(2**63 - 2, 2**63 + 1), st.integers(2**64 - 3, 2**64 - 1), st.just(0)),
+       max_new=st.sampled_from([1, 2, 16, 16, D.max_new_tokens_limit]),
+       length=st.sampled_from([4, "room-2", "room-1", "room", "room+1"]),
+       stops=st.sampled_from([[], ["。"], ["法" * D.max_stop_sequence_chars], ["\ufffd", "的"]]))
+def test_boundary_requests_never_hurt_the_streams_beside_them(guarded, temperature, top_p, top_k, seed, max_new,
+                                                               length, stops):
+    """Sampling on, seeds near 2**63 and 2**64, top_k around the vocabulary, prompts around max_len, the largest
+    max_new_tokens: the request gets OK or INVALID_ARGUMENT naming its field; two ordinary greedy streams running
+    beside it give their usual answer; the breaker (threshold 1) never counts a failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lawchat_client import LawchatError
+    srv, client, reference, vocab, room, fits = guarded
+    top_k = {"V-1": vocab - 1, "V": vocab, "V+1": vocab + 1}.get(top_k, top_k)
+    n = length if isinstance(length, int) else room + int(length[4:] or 0)
+    want_field = "prompt" if not fits(n) else "top_k" if top_k > vocab else None
+
+    def hostile():
+        try:
+            r = client.chat("法" * n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            max_new_tokens=max_new, stop=stops)
+            return "OK", r
+        except LawchatError as e:
+            return e.code.name, e.details
+
+    def ordinary():
+        return "".join(client.chat_stream(ORDINARY, max_new_tokens=8, ignore_eos=True))
+    with ThreadPoolExecutor(3) as pool:
+        neighbours = [pool.submit(ordinary) for _ in range(2)]
+        code, detail = pool.submit(hostile).result(120)
+        assert [f.result(120) for f in neighbours] == [reference, reference]
+    if want_field is None:
+        assert code == "OK" and not detail.degraded and detail.completion_tokens >= 1, (code, detail)
+    else:
+        assert code == "INVALID_ARGUMENT" and want_field in detail, (code, detail)
+    b = srv.app.breaker
+    assert (b.state, b.failures) == ("closed", 0)

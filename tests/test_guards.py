@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lawchat.v1 import chat_pb2, chat_pb2_grpc
 from lawchat_client import LawchatClient, LawchatError, NO_RETRY
 
-from faults import FaultyRunner, InProcessServer, engine_of, wait_until
+from faults import Clock, FaultyRunner, InProcessServer, engine_of, wait_until
 from lawchat_server.breaker import BreakerConfig
 from lawchat_server.config import ServerConfig
 from lawchat_server.degraded import DEFAULT_MESSAGE
@@ -146,7 +146,8 @@ def test_breaker_closed_open_half_open_closed(runner):
     faulty = FaultyRunner(runner)
     cfg = ServerConfig(port=0, breaker=BreakerConfig(failure_threshold=2, recovery_seconds=1, half_open_probes=1,
                                                      stall_seconds=0.5))
-    srv = InProcessServer(faulty, cfg)
+    clock = Clock()                                        # the breaker's windows pass when the test says
+    srv = InProcessServer(faulty, cfg, clock=clock)
     try:
         with LawchatClient(srv.target, timeout=30, retry=NO_RETRY) as c, ThreadPoolExecutor(2) as pool:
             s, _ = ask(c)
@@ -167,14 +168,14 @@ def test_breaker_closed_open_half_open_closed(runner):
             assert srv.app.metrics.degraded.labels("breaker_open")._value.get() == 6
             assert srv.app.metrics.breaker_state.collect()[0].samples[0].value == 2   # read at scrape time
 
-            time.sleep(1.1)                                # half-open: one probe; it fails -> open again
+            clock.t += 1.1                                 # half-open: one probe; it fails -> open again
             assert breaker_state(c) == "BREAKER_STATE_HALF_OPEN"
             with pytest.raises(LawchatError) as e:
                 ask(c)
             assert e.value.code == grpc.StatusCode.INTERNAL
             assert breaker_state(c) == "BREAKER_STATE_OPEN"
 
-            time.sleep(1.1)                                # half-open with a hanging engine: the probe stalls ...
+            clock.t += 1.1                                 # half-open with a hanging engine: the probe stalls ...
             faulty.set_mode("hang")
             probe = pool.submit(ask, c)
             assert wait_until(lambda: srv.app.breaker._probes == 1)
@@ -187,7 +188,7 @@ def test_breaker_closed_open_half_open_closed(runner):
             assert srv.app.metrics.breaker_failures.labels("stalled")._value.get() == 1
 
             faulty.set_mode("ok")                          # the engine recovers: the next probe closes it
-            time.sleep(1.1)
+            clock.t += 1.1
             s, text = ask(c)
             assert (s.finish_reason, s.degraded) == ("max_tokens", False) and text != DEFAULT_MESSAGE
             assert breaker_state(c) == "BREAKER_STATE_CLOSED"

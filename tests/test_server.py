@@ -323,3 +323,44 @@ def test_full_queue_of_the_engine_process_is_resource_exhausted(tiny_model, tmp_
             assert second.result(60).completion_tokens == 3
     finally:
         srv.stop()
+
+
+def test_a_frozen_engine_process_is_killed_and_restarted(tiny_model, tmp_path):
+    """SIGSTOP freezes the engine process mid-stream (a hang, as a stuck kernel or driver would): the stream
+    ends UNAVAILABLE after stall_seconds, the supervisor kills the frozen process and starts a new one."""
+    import yaml
+
+    from conftest import ROOT, start_server
+    cfg = yaml.safe_load((ROOT / "configs" / "server.yaml").read_text(encoding="utf-8"))
+    cfg["breaker"]["stall_seconds"] = 2
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    srv = start_server(tiny_model, tmp_path / "own.log", "--config", str(tmp_path / "server.yaml"))
+    try:
+        child = engine_child(srv)
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
+            stream = c.chat_stream(QUESTION, max_new_tokens=2000, ignore_eos=True)
+            it = iter(stream)
+            next(it)
+            os.kill(child, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(LawchatError) as e:
+                list(it)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 30
+            deadline = time.monotonic() + 60
+            while True:
+                try:                  # UNAVAILABLE for a request that reached the process as it was killed
+                    r = c.chat(QUESTION, max_new_tokens=3, ignore_eos=True, timeout=10)
+                    if not r.degraded:
+                        break
+                except LawchatError as e:
+                    assert e.code == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() < deadline, "the frozen engine was not replaced"
+                time.sleep(0.2)
+            assert engine_child(srv) != child
+        assert "killing its process to restart it" in srv.log_text()
+    finally:
+        try:
+            os.kill(child, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        srv.stop()
