@@ -66,6 +66,7 @@ class App:
     keys: KeyStore
     port: int
     supervisor: Supervisor
+    http: object | None = None     # the OpenAI-compatible HTTP server (openai_api.HttpServer), when configured
     watcher: asyncio.Task | None = None
     serving: bool | None = None    # what health last said for ChatService
     live: bool | None = None       # ... and for liveness
@@ -77,8 +78,10 @@ def build_app(cfg: ServerConfig, slot: EngineSlot, clock=time.monotonic) -> App:
     The slot may still be empty: the port is taken before the model loads, so a clash fails at once.
     `clock` drives the breaker's and the supervisor's windows (tests step it)."""
     keys = KeyStore(cfg.auth)
-    if not keys.enabled and cfg.host not in LOOPBACK and not cfg.auth.allow_unauthenticated:
-        raise ValueError(f"refusing to listen on {cfg.host} without API keys: anyone who reaches it could chat and "
+    hosts = [cfg.host] + ([cfg.http.host] if cfg.http.port is not None else [])
+    exposed = [h for h in hosts if h not in LOOPBACK]
+    if not keys.enabled and exposed and not cfg.auth.allow_unauthenticated:
+        raise ValueError(f"refusing to listen on {exposed[0]} without API keys: anyone who reaches it could chat and "
                          "use AdminService (reload, drain, limits). Give keys (--api-keys-file, $LAWCHAT_API_KEYS; "
                          "`lawchat keys new NAME`), or pass --allow-unauthenticated if a proxy in front authenticates")
     limiter, breaker, metrics = Limiter(cfg.limits), Breaker(cfg.breaker, clock), Metrics()
@@ -117,19 +120,27 @@ def build_app(cfg: ServerConfig, slot: EngineSlot, clock=time.monotonic) -> App:
                     ". Fine for a local demo; give API keys for anything else.")
     if not cfg.tls.enabled and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("TLS is off on %s: questions and answers cross the network in plain text", address)
+    http = None
+    if cfg.http.port is not None:
+        from .openai_api import HttpServer, bind, build_http_app
+        sock = bind(cfg.http.host, cfg.http.port)
+        http = HttpServer(build_http_app(chat, keys, slot, cfg.http, transport_cap, lambda: chat_unready(app)), sock)
+
     async def give_up(reason: str):
         await update_health(app)
         if app.stop is not None:
             app.stop.set()
 
     supervisor = Supervisor(slot, cfg.restart, cfg.breaker.stall_seconds, give_up, clock)
-    app = App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port, supervisor)
+    app = App(server, slot, chat, health_servicer, metrics, breaker, limiter, keys, port, supervisor, http)
     return app
 
 
 async def start_app(app: App) -> None:
     """Start serving: health NOT_SERVING (chat UNAVAILABLE) until the slot has an engine."""
     await app.server.start()
+    if app.http is not None:
+        app.http.start()
     await app.health.set(ADMIN_SERVICE, SERVING)
     await update_health(app)
     app.watcher = asyncio.create_task(watch_health(app))
@@ -181,7 +192,10 @@ async def stop_app(app: App, grace: float) -> None:
         app.watcher.cancel()
     app.chat.stopping = True
     await app.health.enter_graceful_shutdown()
+    app.slot.draining = True                     # HTTP requests get 503 from now on, like gRPC's UNAVAILABLE
     await app.server.stop(grace)
+    if app.http is not None:
+        await app.http.stop()
     app.slot.stop()
 
 
@@ -275,8 +289,9 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
     await update_health(app)
     # One line that scripts and tests wait for: where to connect.
     scheme = "tls" if cfg.tls.enabled else "grpc"
+    openai = f" openai=http://{cfg.http.host}:{app.http.port}/v1" if app.http is not None else ""
     print(f"lawchat serve: ready grpc={cfg.host}:{app.port} metrics=http://{cfg.metrics_host}:{http_server.server_port}"
-          f"/metrics model={model_dir} device={slot.engine.device} transport={scheme}", flush=True)
+          f"/metrics model={model_dir} device={slot.engine.device} transport={scheme}{openai}", flush=True)
 
     await stopped
     log.info("shutting down: draining for up to %.0f s", cfg.grace_seconds)
@@ -292,13 +307,17 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
 
 def config_from_args(args) -> ServerConfig:
     """`lawchat serve` flags over the YAML config (the manifests' command lines are checked through this)."""
-    return load_server_config(args.config, host=args.host, port=args.port, metrics_host=args.metrics_host,
+    return load_server_config(args.config, args.sets, host=args.host, port=args.port, metrics_host=args.metrics_host,
                              metrics_port=args.metrics_port,
                              device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                              retrieval={"index": args.retrieval_index, "default_enabled": args.retrieval_default},
                              auth={"keys_file": args.api_keys_file, "allow_unauthenticated": args.allow_unauthenticated},
                              tls={"cert_file": args.tls_cert, "key_file": args.tls_key,
-                                  "client_ca_file": args.tls_client_ca})
+                                  "client_ca_file": args.tls_client_ca},
+                             http={"port": args.http_port, "host": args.http_host,
+                                   "served_model_name": args.served_model_name},
+                             engine={"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+                                     "gpu_memory_fraction": args.gpu_memory_fraction})
 
 
 def serve_from_cli(args) -> int:

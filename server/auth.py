@@ -128,6 +128,19 @@ class KeyStore:
         return found
 
 
+def authorize(store: KeyStore, presented: str | None, scope: str) -> tuple[grpc.StatusCode | None, str]:
+    """(None, key name) when `presented` may use `scope`, else the refusal's code and message. One decision for
+    every protocol (the gRPC interceptor, the OpenAI-compatible HTTP API)."""
+    if not store.enabled:
+        return None, ""
+    key = store.lookup(presented)
+    if key is None:
+        return grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key: send it as metadata x-api-key"
+    if scope not in key.scopes:
+        return grpc.StatusCode.PERMISSION_DENIED, f"key {key.name!r} lacks the {scope!r} scope"
+    return None, key.name
+
+
 def metadata_value(metadata, key: str) -> str | None:
     for k, v in metadata or ():
         if k == key:
@@ -159,16 +172,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         scope = SERVICE_SCOPES.get(service)
         if scope is None or not self.store.enabled:
             return await continuation(details)
-        key = self.store.lookup(metadata_value(details.invocation_metadata, "x-api-key"))
-        if key is not None and scope in key.scopes:
-            return await continuation(details)
+        code, message = authorize(self.store, metadata_value(details.invocation_metadata, "x-api-key"), scope)
         handler = await continuation(details)
-        if handler is None:
-            return None
-        if key is None:
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
-                           "missing or unknown API key: send it as metadata x-api-key")
-        return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"key {key.name!r} lacks the {scope!r} scope")
+        if code is None or handler is None:
+            return handler
+        return _denied(handler, code, message)
 
 
 def client_id(context, store: KeyStore, trusted_proxies: list = ()) -> str:

@@ -79,7 +79,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self.stopping = False        # set by the app at shutdown: an engine closing then is not a failure
 
     async def ChatStream(self, request, context) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
-        async for chunk, degraded, hits in self._generate("ChatStream", request, context):
+        async for chunk, degraded, hits in self.generate("ChatStream", request, context):
             if chunk.finish_reason is None:
                 yield chat_pb2.ChatStreamResponse(delta=chunk.delta, degraded=degraded)
             else:
@@ -89,7 +89,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
 
     async def Chat(self, request, context) -> chat_pb2.ChatResponse:
         parts, last, degraded, hits = [], None, False, []
-        async for chunk, degraded, hits in self._generate("Chat", request, context):
+        async for chunk, degraded, hits in self.generate("Chat", request, context):
             parts.append(chunk.delta)
             last = chunk
         return chat_pb2.ChatResponse(text="".join(parts), finish_reason=FINISH_REASONS[last.finish_reason],
@@ -166,7 +166,9 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             yield Chunk(d)
         yield Chunk(deltas[-1], DEGRADED)
 
-    async def _generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool, list[Hit]]]:
+    async def generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool, list[Hit]]]:
+        """The one request path behind every protocol (gRPC here, the OpenAI HTTP API through an adapter of
+        `context`): admission, retrieval, the breaker, the engine, metrics; errors end it via context.abort."""
         rid = request_id_of(context)
         trailer = (("x-request-id", rid),)
         m, breaker = self.metrics, self.breaker

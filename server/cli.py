@@ -85,6 +85,16 @@ def add_commands(sub) -> None:
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain (tls.cert_file); with --tls-key: TLS")
     s.add_argument("--tls-key", default=None, help="PEM private key (tls.key_file)")
     s.add_argument("--tls-client-ca", default=None, help="PEM CA that signs client certificates: mTLS (tls.client_ca_file)")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible API (POST /v1/chat/completions) on this port (http.port; 0 = free)")
+    s.add_argument("--http-host", default=None, help="its address (http.host, default 127.0.0.1)")
+    s.add_argument("--served-model-name", default=None, help="the model name OpenAI clients send (http.served_model_name)")
+    s.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + answer tokens (engine.max_model_len)")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (engine.max_num_seqs)")
+    s.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="share of the card's memory to fill, KV cache included (engine.gpu_memory_fraction)")
+    s.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config key, e.g. --set limits.client_requests.rate=5 (repeatable; flags above win)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("index", help="build the statute retrieval index (SQLite FTS5 over jieba tokens, BM25)")

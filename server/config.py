@@ -2,7 +2,7 @@
 
 Each section is the dataclass of the module it configures (defaults written once, there): generation →
 params, engine → engine/config, limits → limiter, breaker → breaker, restart → supervisor, degraded → degraded,
-auth and tls → auth, retrieval → retrieval.
+auth and tls → auth, http → openai_api, retrieval → retrieval.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .breaker import BreakerConfig
 from .degraded import DegradedConfig
 from .engine.config import EngineConfig
 from .limiter import LimitsConfig
+from .openai_api import HttpConfig
 from .params import GenerationDefaults
 from .retrieval import RetrievalConfig
 from .supervisor import RestartConfig
@@ -43,11 +44,12 @@ class ServerConfig:
     degraded: DegradedConfig = field(default_factory=DegradedConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def validate(self) -> None:
         for section in (self.generation, self.engine, self.limits, self.breaker, self.restart, self.degraded,
-                        self.tls, self.retrieval):
+                        self.tls, self.http, self.retrieval):
             section.validate()
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("port and metrics_port must be in [0, 65535]")
@@ -98,13 +100,32 @@ def build(cls, raw, where: str):
     return cls(**kw)
 
 
-def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
+def apply_sets(raw: dict, sets: list[str]) -> dict:
+    """`--set section.key=value` (value parsed as YAML) into the raw config, checked like the file's keys."""
+    for item in sets:
+        path, sep, value = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        *parents, leaf = path.split(".")
+        node = raw
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {name} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_server_config(path: str | Path | None, sets: list[str] = (), **overrides) -> ServerConfig:
+    """The YAML file, then `--set` items, then the flags (`overrides`; None = flag not given)."""
     raw = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such server config: {path}")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if isinstance(raw, dict):
+        raw = apply_sets(raw, list(sets or ()))
     if isinstance(raw, dict) and "max_waiting" in raw:   # top-level before the engine section existed (0.1.0)
         raw["engine"] = {"max_waiting": raw.pop("max_waiting"), **(raw.get("engine") or {})}
     try:

@@ -13,6 +13,7 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.90       # CUDA: share of the card's memory the process may fill (KV included)
     cpu_kv_cache_tokens: int = 32768        # CPU: KV-cache size in tokens
     num_kv_blocks: int | None = None        # fixed number of KV blocks (overrides the two above)
+    max_model_len: int | None = None        # cap on prompt + answer tokens (null = the model's own limit)
     enable_prefix_caching: bool = True      # share blocks of identical prompt prefixes
     cuda_graphs: bool = True                # CUDA: capture the decode step per batch-size bucket
     attention: str = "auto"                 # auto (Triton on CUDA, else torch), triton, torch
@@ -30,5 +31,7 @@ class EngineConfig:
             raise ValueError(f"engine.block_size must be a power of two >= 16, got {self.block_size}")
         if not 0.1 <= self.gpu_memory_fraction <= 0.99:
             raise ValueError(f"engine.gpu_memory_fraction must be in [0.1, 0.99], got {self.gpu_memory_fraction}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"engine.max_model_len must be >= 2 or null, got {self.max_model_len}")
         if self.attention not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.attention must be auto, triton or torch, got {self.attention!r}")

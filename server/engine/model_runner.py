@@ -99,6 +99,8 @@ class BaseRunner:
                  dtype: torch.dtype, config: EngineConfig):
         self.model_dir, self.tokenizer, self.device, self.dtype, self.config = model_dir, tokenizer, device, dtype, config
         self.max_len = int(getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "seq_length", 2048))
+        if config.max_model_len is not None:
+            self.max_len = min(self.max_len, config.max_model_len)
         self.eos_ids = self._eos_ids(hf_config, generation_config, tokenizer)
         self.vocab_size = hf_config.vocab_size
         self.block_size = config.block_size
