@@ -5,7 +5,7 @@ TORCH       ?= torch==2.13.0
 DEMO_CONFIG ?= configs/demo.yaml
 MODEL       ?= runs/demo/merged
 # the demo model was trained with retrieved articles in its prompts: serve it with them (and their citations)
-SERVE_ARGS  ?= --retrieval-index runs/demo/index/laws.sqlite --retrieval-default
+SERVE_ARGS  ?= --retrieval-index runs/demo/index/laws.sqlite --retrieval-default --http-port 8000 --served-model-name lawchat-demo
 PYTEST_ARGS ?=
 
 .PHONY: setup demo serve test protos lint clean

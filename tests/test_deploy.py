@@ -48,6 +48,8 @@ def test_manifests_fit_together():
     args = c["args"]
     assert args[:2] == ["lawchat", "serve"] and args[args.index("--port") + 1] == str(ports["grpc"])
     assert args[args.index("--metrics-port") + 1] == str(ports["metrics"])
+    assert args[args.index("--http-port") + 1] == str(ports["http"]) and args[args.index("--http-host") + 1] == "0.0.0.0"
+    assert {"grpc", "http", "metrics"} <= {q["name"] for q in m["Service/lawchat"]["spec"]["ports"]}
     assert args[args.index("--metrics-host") + 1] == "0.0.0.0" and args[args.index("--host") + 1] == "0.0.0.0"
     # the args parse as a real `lawchat serve` command line
     from lawchat_cli.main import build_parser
@@ -73,8 +75,9 @@ def test_the_manifest_command_line_serves_locked(monkeypatch):
     assert c["startupProbe"]["grpc"]["service"] == "lawchat.v1.ChatService"
     assert c["livenessProbe"]["grpc"]["service"] == "liveness"
     args = build_parser().parse_args(c["args"][1:])
-    args.port = args.metrics_port = 0                     # the pod's ports, free ones here
-    args.host = "127.0.0.2"                               # not loopback-only, like the pod's 0.0.0.0
+    assert args.http_port is not None                     # the OpenAI-compatible API is served too
+    args.port = args.metrics_port = args.http_port = 0    # the pod's ports, free ones here
+    args.host = args.http_host = "127.0.0.2"              # not loopback-only, like the pod's 0.0.0.0
     cfg = config_from_args(args)
     assert not cfg.auth.allow_unauthenticated
     monkeypatch.delenv("LAWCHAT_API_KEYS", raising=False)
@@ -83,4 +86,5 @@ def test_the_manifest_command_line_serves_locked(monkeypatch):
     monkeypatch.setenv("LAWCHAT_API_KEYS", f"ops chat,admin {hash_key('k1')}")   # what the Secret puts there
     assert KeyStore(cfg.auth).enabled
     app = build_app(cfg, EngineSlot())
-    assert app.keys.enabled and app.port > 0
+    assert app.keys.enabled and app.port > 0 and app.http.port > 0
+    app.http.sock.close()

@@ -16,6 +16,7 @@ from faults import InProcessServer
 from lawchat_server.auth import AuthConfig
 from lawchat_server.config import ServerConfig
 from lawchat_server.engine.model_runner import load_runner
+from lawchat_server.openai_api import HttpConfig
 from lawchat_server.retrieval import RetrievalConfig, build_index
 from test_auth import make_key
 from test_retrieval import laws_db  # noqa: F401  (the laws.db-format fixture)
@@ -43,7 +44,8 @@ def runner(tiny_model):
 def plain_server(runner, laws_db, tmp_path_factory):  # noqa: F811
     index = tmp_path_factory.mktemp("idx") / "laws.sqlite"
     build_index(index, laws_db)
-    srv = InProcessServer(runner, ServerConfig(port=0, retrieval=RetrievalConfig(index=str(index))))
+    srv = InProcessServer(runner, ServerConfig(port=0, retrieval=RetrievalConfig(index=str(index)),
+                                               http=HttpConfig(port=0, served_model_name="lawchat-demo")))
     yield srv
     srv.stop()
 
@@ -70,7 +72,8 @@ def test_readme_has_the_examples_this_file_runs():
 
 @pytest.mark.parametrize("i", range(len(PY_BLOCKS)))
 def test_python_example_runs(i, plain_server):
-    code = PY_BLOCKS[i].replace("127.0.0.1:50051", plain_server.target)
+    code = PY_BLOCKS[i].replace("127.0.0.1:50051", plain_server.target).replace(
+        "127.0.0.1:8000", f"127.0.0.1:{plain_server.app.http.port}")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip()
@@ -103,3 +106,15 @@ def test_grpcurl_key_command_needs_the_key(auth_server):
             for a in shlex.split(cmd.replace("localhost:50051", srv.target))]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Unauthenticated" in r.stdout + r.stderr
+
+
+def test_readme_curl_stream_runs(plain_server):
+    """The first lines' `curl -N` against the OpenAI-compatible API: an SSE stream that ends with [DONE]."""
+    block = re.findall(r"```bash\n(.*?)```", README, re.S)[1]
+    line = next(ln for ln in block.replace("\\\n", " ").splitlines() if ln.startswith("curl -N"))
+    argv = shlex.split(line.replace("localhost:8000", f"127.0.0.1:{plain_server.app.http.port}"))
+    r = subprocess.run(argv + ["-sS"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    events = [ln[6:] for ln in r.stdout.splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
+                                              for e in events[:-1] if json.loads(e)["choices"])

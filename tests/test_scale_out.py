@@ -29,17 +29,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def envoy_config(replicas: list[str], port: int, admin_port: int) -> dict:
-    """deploy/envoy.yaml as shipped, with loopback ports and the replicas' addresses filled in."""
+def envoy_config(replicas: list[str], port: int, admin_port: int, http_replicas: list[str] = (),
+                 http_port: int = 0) -> dict:
+    """deploy/envoy.yaml as shipped, with loopback ports and the replicas' addresses filled in (gRPC, and the
+    OpenAI-compatible HTTP API's)."""
     cfg = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text(encoding="utf-8"))
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    listener = cfg["static_resources"]["listeners"][0]
-    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
-    cluster = cfg["static_resources"]["clusters"][0]
-    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
-        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(p)}}}}
-        for host, p in (r.rsplit(":", 1) for r in replicas)]
+    for listener, cluster, ports, lport in zip(cfg["static_resources"]["listeners"], cfg["static_resources"]["clusters"],
+                                               (replicas, http_replicas), (port, http_port)):
+        listener["address"]["socket_address"].update(address="127.0.0.1", port_value=lport)
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(p)}}}}
+            for host, p in (r.rsplit(":", 1) for r in ports)]
     return cfg
+
+
+def openai_target(srv) -> str:
+    return re.search(r"openai=http://(\S+)/v1", "".join(srv.stdout_lines)).group(1)
 
 
 def running(srv) -> int:
@@ -47,19 +53,20 @@ def running(srv) -> int:
     return int(float(re.search(r"^lawchat_requests_running (\S+)", body, re.M).group(1)))
 
 
-def healthy_hosts(admin_port: int) -> int:
+def healthy_hosts(admin_port: int, cluster: str = "lawchat") -> int:
     body = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).read().decode()
     return sum(1 for line in body.splitlines()
-               if line.startswith("lawchat::") and "::health_flags::healthy" in line)
+               if line.startswith(f"{cluster}::") and "::health_flags::healthy" in line)
 
 
 @pytest.fixture
 def two_replicas_behind_envoy(tiny_model, tmp_path):
-    a = start_server(tiny_model, tmp_path / "a.log")
-    b = start_server(tiny_model, tmp_path / "b.log")
-    port, admin_port = free_port(), free_port()
+    a = start_server(tiny_model, tmp_path / "a.log", "--http-port", "0")
+    b = start_server(tiny_model, tmp_path / "b.log", "--http-port", "0")
+    port, admin_port, http_port = free_port(), free_port(), free_port()
     conf = tmp_path / "envoy.yaml"
-    conf.write_text(yaml.safe_dump(envoy_config([a.target, b.target], port, admin_port)), encoding="utf-8")
+    conf.write_text(yaml.safe_dump(envoy_config([a.target, b.target], port, admin_port,
+                                                [openai_target(a), openai_target(b)], http_port)), encoding="utf-8")
     log = (tmp_path / "envoy.log").open("w")
     envoy = subprocess.Popen([str(ENVOY), "-c", str(conf), "--base-id", str(port), "-l", "warning"],
                              stdout=log, stderr=subprocess.STDOUT)
@@ -67,13 +74,13 @@ def two_replicas_behind_envoy(tiny_model, tmp_path):
         deadline = time.monotonic() + 30
         while True:
             try:
-                if healthy_hosts(admin_port) == 2:
+                if healthy_hosts(admin_port) == 2 and healthy_hosts(admin_port, "lawchat_openai") == 2:
                     break
             except OSError:
                 pass
             assert envoy.poll() is None and time.monotonic() < deadline, (tmp_path / "envoy.log").read_text()
             time.sleep(0.2)
-        yield f"127.0.0.1:{port}", a, b, admin_port
+        yield f"127.0.0.1:{port}", a, b, admin_port, f"127.0.0.1:{http_port}"
     finally:
         envoy.terminate()
         envoy.wait(10)
@@ -88,7 +95,7 @@ def test_shipped_envoy_config_is_valid():
 
 
 def test_streams_through_envoy_survive_losing_a_replica(two_replicas_behind_envoy):
-    target, a, b, admin_port = two_replicas_behind_envoy
+    target, a, b, admin_port, _ = two_replicas_behind_envoy
     client = LawchatClient(target, retry=NO_RETRY, timeout=60)
     for _ in range(6):                         # through Envoy, spread over both replicas
         stream = client.chat_stream(QUESTION, max_new_tokens=8)
@@ -146,7 +153,7 @@ def test_health_check_through_envoy_with_grpcurl(two_replicas_behind_envoy):
 
 def test_envoy_takes_a_draining_replica_out_by_its_grpc_health(two_replicas_behind_envoy):
     """A drained replica still accepts TCP; only grpc.health.v1 says NOT_SERVING — Envoy must act on that."""
-    target, a, b, admin_port = two_replicas_behind_envoy
+    target, a, b, admin_port, _ = two_replicas_behind_envoy
     with LawchatClient(a.target, retry=NO_RETRY) as direct:
         direct.drain(timeout_seconds=0.1, timeout=10)
     deadline = time.monotonic() + 10
@@ -167,7 +174,7 @@ def test_a_replica_whose_engine_dies_leaves_the_pool_and_only_its_streams_fail(t
     a answers Envoy's marked attempts with UNAVAILABLE so that Envoy retries them on b. Then a's supervisor
     brings its engine back."""
     from test_server import chat_health, engine_child
-    target, a, b, admin_port = two_replicas_behind_envoy
+    target, a, b, admin_port, _ = two_replicas_behind_envoy
     client = LawchatClient(target, retry=NO_RETRY, timeout=60)
     outcomes: list = []
     started = threading.Barrier(7)
@@ -209,3 +216,16 @@ def test_a_replica_whose_engine_dies_leaves_the_pool_and_only_its_streams_fail(t
         r = direct.chat(QUESTION, max_new_tokens=4, ignore_eos=True)
         assert r.completion_tokens == 4 and not r.degraded
     client.close()
+
+
+def test_openai_sdk_through_envoy_reaches_both_replicas(two_replicas_behind_envoy):
+    """deploy/envoy.yaml routes the OpenAI-compatible HTTP port too (its own listener and health-checked cluster)."""
+    import openai
+    _, a, b, admin_port, http_target = two_replicas_behind_envoy
+    client = openai.OpenAI(base_url=f"http://{http_target}/v1", api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
+    before = requests_served(a), requests_served(b)
+    for _ in range(6):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=4)
+        assert r.usage.completion_tokens >= 1 and not r.lawchat["degraded"]
+    assert requests_served(a) > before[0] and requests_served(b) > before[1]

@@ -170,7 +170,7 @@ def test_async_client_streams_the_same_answer_as_the_sync_one(server):
 def requests_served(srv) -> float:
     """ChatStream / Chat calls this replica answered, any status (its own /metrics)."""
     body = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
-    return sum(float(v) for v in re.findall(r'^lawchat_requests_total\{[^}]*method="Chat(?:Stream)?"[^}]*\} (\S+)',
+    return sum(float(v) for v in re.findall(r'^lawchat_requests_total\{[^}]*method="Chat(?:Stream|Completions)?"[^}]*\} (\S+)',
                                             body, re.M))
 
 
