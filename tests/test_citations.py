@@ -131,3 +131,32 @@ def test_context_stays_within_the_token_budget(runner):
         assert len(tok.encode(block, add_special_tokens=False)) <= budget
     assert sizes[0] < sizes[1] < sizes[2] and "《劳动法》第五十条" in block     # the budget is used, not wasted
     assert with_context(msgs, articles, tok, 0) == msgs and with_context(msgs, [], tok, 100) == msgs
+
+
+def test_openai_api_carries_the_same_citations(runner, index):
+    """The OpenAI-compatible API's `lawchat.citations` extension: the gRPC citations of the same question, and the
+    drain's 503 on the same request path."""
+    import openai
+
+    from lawchat_server.openai_api import HttpConfig
+    srv = InProcessServer(runner, ServerConfig(port=0, retrieval=RetrievalConfig(index=str(index), top_k=2),
+                                               http=HttpConfig(port=0, served_model_name="m")))
+    try:
+        with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
+            want = c.chat(QUESTION, max_new_tokens=4, retrieval=True).citations
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.app.http.port}/v1", api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": QUESTION}]
+        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=4,
+                                           extra_body={"retrieval": {"enabled": True}})
+        assert [(x["law"], x["article"]) for x in r.lawchat["citations"]] == [(x["law"], x["article"]) for x in want]
+        assert r.lawchat["citations"][0]["snippet"] == want[0]["snippet"]
+        chunks = list(client.chat.completions.create(model="m", messages=msgs, max_tokens=4, stream=True,
+                                                     extra_body={"retrieval": {"enabled": True, "top_k": 1}}))
+        assert [(x["law"], x["article"]) for x in chunks[-1].lawchat["citations"]] == [("劳动合同法", "第三十条")]
+        with LawchatClient(srv.target, retry=NO_RETRY) as c:
+            c.drain(timeout_seconds=0.1)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="m", messages=msgs, max_tokens=4)
+        assert e.value.status_code == 503 and "draining" in e.value.message
+    finally:
+        srv.stop()
