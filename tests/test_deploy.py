@@ -1,6 +1,7 @@
 """deploy/k8s: the manifests pass the Kubernetes API schema (kubernetes-validate, strict) and fit together."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import pytest
@@ -81,10 +82,16 @@ def test_the_manifest_command_line_serves_locked(monkeypatch):
     cfg = config_from_args(args)
     assert not cfg.auth.allow_unauthenticated
     monkeypatch.delenv("LAWCHAT_API_KEYS", raising=False)
+
+    async def build():                                    # grpc.aio servers belong to a running loop
+        app = build_app(cfg, EngineSlot())
+        try:
+            assert app.keys.enabled and app.port > 0 and app.http.port > 0
+        finally:
+            await app.server.stop(0)
+            app.http.sock.close()
     with pytest.raises(ValueError, match="without API keys"):   # the Secret missing: refused, not served open
-        build_app(cfg, EngineSlot())
+        asyncio.run(build())
     monkeypatch.setenv("LAWCHAT_API_KEYS", f"ops chat,admin {hash_key('k1')}")   # what the Secret puts there
     assert KeyStore(cfg.auth).enabled
-    app = build_app(cfg, EngineSlot())
-    assert app.keys.enabled and app.port > 0 and app.http.port > 0
-    app.http.sock.close()
+    asyncio.run(build())
