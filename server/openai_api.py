@@ -244,13 +244,11 @@ def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unrea
         t0 = time.time()
         try:
             key = check_key(request)
-            raw = await request.body()
-            if len(raw) > max_body_bytes:
-                raise HttpError(413, f"the request has {len(raw)} bytes; this server takes at most {max_body_bytes}")
+            raw = await read_body(request, max_body_bytes)
             try:
                 body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise HttpError(400, f"the body is not JSON: {e}") from None
+            except (ValueError, RecursionError) as e:
+                raise HttpError(400, f"the body is not JSON: {type(e).__name__}") from None
             req, stream, include_usage = to_chat_request(body)
             if body["model"] not in (model_name(), str(slot.model_path)):
                 raise HttpError(404, f"the model {body['model']!r} does not exist here; this server serves "
@@ -323,6 +321,20 @@ def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unrea
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
                              Route("/v1/models", models, methods=["GET"]),
                              Route("/health", health, methods=["GET"])])
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes `limit` bytes: a huge upload is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, f"the request has {declared} bytes; this server takes at most {limit}")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise HttpError(413, f"the request has more than {limit} bytes; this server takes at most {limit}")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def usage(chunk) -> dict:

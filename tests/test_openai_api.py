@@ -196,3 +196,37 @@ def test_lawchat_serve_flags_http_port_and_settings(tiny_model, tmp_path):
     r = subprocess.run([str(BIN / "lawchat"), "serve", "--model", str(tiny_model), "--port", "0", "--set",
                         "limits.nonsense=1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown keys ['nonsense']" in r.stderr
+
+
+def test_hostile_bodies_get_a_4xx_and_the_server_goes_on(server, keys, tmp_path):
+    """Oversized, malformed, deeply nested and NaN-laden bodies: each a clear 4xx, none a 500, then normal service."""
+    import urllib.error
+    import urllib.request
+    srv, base = server
+
+    def post(data: bytes) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{base}/chat/completions", data=data, method="POST",
+                                     headers={"Authorization": f"Bearer {keys[1]}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+    cases = [(b"{not json", 400), (b"[" * 100000 + b"]" * 100000, 400), (b"[]", 400),
+             (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "问"}],
+                          "temperature": float("nan")}).encode(), 400),
+             (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "问"}], "seed": 2**64}).encode(), 400),
+             (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "问"}], "max_tokens": True}).encode(), 400)]
+    for data, status in cases:
+        got, body = post(data)
+        assert got == status and body["error"]["message"], (data[:40], got, body)
+    if shutil.which("curl"):       # a body past the cap is refused from its Content-Length, before it is read
+        big = tmp_path / "big.json"
+        big.write_bytes(b"x" * (max(4 << 20, 4 * srv.app.chat.cfg.generation.max_request_bytes) + 1))
+        r = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Authorization: Bearer {keys[1]}",
+                            "-H", "Content-Type: application/json", "--data-binary", f"@{big}", f"{base}/chat/completions"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout == "413", r.stdout + r.stderr
+    got, body = post(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": QUESTION}],
+                                 "max_tokens": 2}).encode())
+    assert got == 200 and body["usage"]["completion_tokens"] >= 1
