@@ -25,7 +25,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/lawchat demo --config $(DEMO_CONFIG)
 
-serve: demo
+# the first answer does not wait for the eval: `make demo` (or `lawchat demo`) adds it later, reusing the rest
+serve: setup
+	$(VENV)/bin/lawchat demo --config $(DEMO_CONFIG) --skip-eval
 	$(VENV)/bin/lawchat serve --model $(MODEL) $(SERVE_ARGS)
 
 test: setup

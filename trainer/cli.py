@@ -56,7 +56,7 @@ def cmd_convert(a) -> int:
 
 def cmd_demo(a) -> int:
     from .demo import SAMPLE_QUESTION, build_demo, sample_answer
-    merged = build_demo(a.config, workdir=a.workdir)
+    merged = build_demo(a.config, workdir=a.workdir, with_eval=not a.skip_eval)
     if a.ask:
         print(f"Q: {SAMPLE_QUESTION}\nA: {sample_answer(merged, SAMPLE_QUESTION)}")
     print(merged)
@@ -132,6 +132,8 @@ def add_commands(sub) -> None:
     s.add_argument("--config", default=str(config_path("demo.yaml")))
     s.add_argument("--workdir", default=None, help="default: the config's workdir")
     s.add_argument("--ask", action="store_true", help="print the demo model's answer to a sample question")
+    s.add_argument("--skip-eval", action="store_true",
+                   help="stop at the served model (make serve); a later `lawchat demo` adds the eval, reusing the rest")
     s.set_defaults(func=cmd_demo)
 
 

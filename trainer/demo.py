@@ -143,8 +143,9 @@ def sample_answer(model_dir: Path, question: str, max_new_tokens: int = 200) -> 
     return eval_.generate_answers(model_dir, [[{"role": "user", "content": question}]], max_new_tokens, "cpu")[0]
 
 
-def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Path:
-    """Build (or reuse) every step; returns the merged model dir."""
+def build_demo(config_path: str | Path, workdir: str | Path | None = None, with_eval: bool = True) -> Path:
+    """Build (or reuse) every step; returns the merged model dir. `with_eval=False` stops at what serving needs
+    (`make serve`: the first answer does not wait for the eval; `lawchat demo` later adds it)."""
     cfg = load_demo_config(config_path)
     workdir = Path(workdir or cfg["workdir"])
     everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
@@ -164,6 +165,8 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None) -> Pa
     ]
     if cfg.get("context"):       # the retrieval index the context comes from, built before the data
         steps.insert(1, ("index", index_key, build_index))
+    if not with_eval:
+        steps = [s for s in steps if s[0] != "eval"]
     t_all = time.time()
     for i, (name, key, build) in enumerate(steps, 1):
         out = workdir / name
