@@ -139,7 +139,8 @@ def run_round(target: str, questions: list[str], new_tokens: int, processes: int
                 gap50=q(gaps, .5), gap99=q(gaps, .99), msgs_per_stream=(len(gaps) + len(rows)) / len(rows))
 
 
-MODES = {"process": {}, "sync": {"overlap": False}, "thread": {"separate_process": False}}   # engine overrides
+MODES = {"process": {}, "sync": {"overlap": False}, "thread": {"separate_process": False},   # engine overrides
+         "nowarm": {"warmup": "minimal"}}     # the engine process without the full warm-up (before issue 18)
 
 
 def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path,
@@ -170,9 +171,13 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--clients", type=int, default=8, help="client processes")
+    ap.add_argument("--first-burst", type=int, default=0,
+                    help="N: the first traffic after ready is a burst of N streams (measured before any warm-up "
+                         "round; compare with the warm row of the same N)")
     ap.add_argument("--engine-modes", default="process,sync",
                     help="comma list of: process (engine in its own process, overlapped steps: the default), sync "
-                         "(the same with engine.overlap off: the baseline of the overlap), thread (engine in-process)")
+                         "(the same with engine.overlap off: the baseline of the overlap), thread (engine in-process), "
+                         "nowarm (process with engine.warmup minimal: the baseline of the warm-up)")
     a = ap.parse_args()
     streams = [int(s) for s in a.streams.split(",")]
 
@@ -184,7 +189,8 @@ def main() -> None:
             make_random_model(model_dir, a.tokenizer, device=a.device)
     import torch
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
-    questions = make_prompts(model_dir, sum(streams) + 8, a.prompt_tokens)
+    questions = make_prompts(model_dir, sum(streams) + 8 + a.first_burst * len(a.engine_modes.split(",")),
+                             a.prompt_tokens)
     hf_ttft, hf_tok_s = bench_hf(model_dir, a.device, questions[0], a.new_tokens)
     limit = None
     if a.device.startswith("cuda"):
@@ -195,11 +201,18 @@ def main() -> None:
                 n_bytes += sum(2 * math.prod(st.get_slice(k).get_shape()) for k in st.keys())   # bf16
         bw = copy_bandwidth()
         limit = bw / n_bytes
-    results, log_tail = {}, ""
+    results, firsts, log_tail = {}, {}, ""
+    spare = sum(streams)                                           # first bursts take prompts from here on
     for mode in a.engine_modes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
+            t_start = time.perf_counter()
             proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log", MODES[mode])
+            startup = time.perf_counter() - t_start
             try:
+                if a.first_burst:                                  # the first users after ready: no warm-up round
+                    firsts[mode] = (startup, run_round(target, questions[spare:spare + a.first_burst], a.new_tokens,
+                                                       a.clients))
+                    spare += a.first_burst
                 run_round(target, questions[-8:], 16, 2)          # warm-up: connections, first shapes
                 rows, used = [], 0
                 for n in streams:
@@ -224,6 +237,13 @@ def main() -> None:
         print(f"| {mode} | {n} | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {vs_limit} | {r['ttft50'] * 1e3:.1f} | "
               f"{r['ttft99'] * 1e3:.1f} | {r['tpot50'] * 1e3:.2f} | {r['tpot99'] * 1e3:.2f} | {r['gap50'] * 1e3:.2f} | "
               f"{r['gap99'] * 1e3:.2f} | {r['msgs_per_stream']:.0f} |")
+    for mode, (startup, r) in firsts.items():
+        warm = dict(results[mode]).get(a.first_burst)
+        print(f"\nfirst burst after ready ({mode}; process start -> ready {startup:.1f} s, warm-up included): "
+              f"{a.first_burst} streams TTFT p50 {r['ttft50'] * 1e3:.1f} ms / p99 {r['ttft99'] * 1e3:.1f} ms, "
+              f"{r['tok_s']:.0f} tok/s" + (f" | the same burst warm: p50 {warm['ttft50'] * 1e3:.1f} / p99 "
+                                           f"{warm['ttft99'] * 1e3:.1f} ms, {warm['tok_s']:.0f} tok/s -> first/warm "
+                                           f"p50 {r['ttft50'] / warm['ttft50']:.2f}x" if warm else ""))
     print("server log tail:\n" + log_tail)
 
 

@@ -236,6 +236,7 @@ def load_engine(model_dir: Path, cfg: ServerConfig):
     runner.warmup()
     engine = Engine(runner)
     engine.start()
+    engine.warmup()
     return engine
 
 

@@ -291,3 +291,27 @@ def test_eos_in_the_step_before_a_prefill_chunk_ends_the_stream_cleanly(glm_mode
         assert b.token_ids == ref_long
     finally:
         engine.stop()
+
+
+def test_full_warm_up_covers_mixed_steps_and_changes_no_answer(glm_model):
+    """engine.warmup = full (the CUDA default) on CPU: it runs prompts of every length class (chunked prefill
+    included), a second wave while the first decodes, every sampling path; then greedy answers still equal HF's
+    and the prefix cache's counters start from zero."""
+    prompts, lens = prompts_and_lens(6, seed=9)
+    engine = started(glm_model, warmup="full", max_num_seqs=8, max_prefill_tokens=64)
+    try:
+        info = engine.warmup()
+        assert info["warmup"] == "full" and info["requests"] == 16
+        assert max(info["prompt_lengths"]) > 64                     # a prompt longer than a prefill chunk
+        assert info["steps"] > 8                                     # not one step per wave: they interleaved
+        st = engine.stats()
+        assert (st.prefix_cache_queries, st.prefix_cache_hits) == (0, 0) and st.running == st.waiting == 0
+        outs = run_engine(engine, [GenerationRequest(p, GREEDY, n, ignore_eos=True) for p, n in zip(prompts, lens)])
+    finally:
+        engine.stop()
+    assert [o.token_ids for o in outs] == hf_greedy(glm_model, prompts, lens)
+    plain = started(glm_model)
+    try:
+        assert plain.warmup() == {"warmup": "minimal"}                # auto on CPU: only the runner's own
+    finally:
+        plain.stop()

@@ -23,6 +23,9 @@ class EngineConfig:
     overlap: bool = True                    # fast path: prepare and launch step N+1 while step N runs on the GPU
                                             # (the sampled ids stay on the device as the next inputs; an EOS is
                                             # seen one step late, its extra token dropped)
+    warmup: str = "auto"                    # before serving: full (a burst through the engine: prefill chunk sizes,
+                                            # mixed steps, every sampling path, stop strings), minimal (one short
+                                            # greedy request), auto (full on CUDA, minimal elsewhere)
 
     def validate(self) -> None:
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1 or self.max_waiting < 0:
@@ -33,5 +36,7 @@ class EngineConfig:
             raise ValueError(f"engine.gpu_memory_fraction must be in [0.1, 0.99], got {self.gpu_memory_fraction}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"engine.max_model_len must be >= 2 or null, got {self.max_model_len}")
+        if self.warmup not in ("auto", "full", "minimal"):
+            raise ValueError(f"engine.warmup must be auto, full or minimal, got {self.warmup!r}")
         if self.attention not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.attention must be auto, triton or torch, got {self.attention!r}")

@@ -272,6 +272,52 @@ class Engine:
         if self._out_thread.is_alive():
             self._out_thread.join(timeout)
 
+    def warmup(self) -> dict:
+        """Before serving (the engine started): meet every kernel and shape class the first users would, so that
+        the first burst after ready is served like a warm one. `full`: two waves of requests with random prompts
+        of every length class up to max_len (chunked prefill included), the second arriving while the first
+        decodes (mixed steps), greedy / temperature+top-p / top-k / seeded sampling, stop strings. The prefix
+        cache's counters are reset afterwards. -> what it ran."""
+        mode = self.config.warmup
+        if mode == "auto":
+            mode = "full" if str(self.device).startswith("cuda") else "minimal"
+        if mode != "full":
+            return {"warmup": mode}
+        t0 = time.perf_counter()
+        rng = random.Random(0)
+        longest = min(self.max_len - 9, 2 * self.config.max_prefill_tokens + 7)
+        lengths = sorted({n for n in (7, 33, 128, 512, 900, 1500, longest) if n <= longest})
+        burst = max(2, min(self.config.max_num_seqs, 64))
+        samplings = [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9),
+                     SamplingParams(temperature=1.0, top_k=40, seed=7), SamplingParams(temperature=0.3)]
+        high = max(1, min(self.runner.vocab_size, 30000))
+        requests = [GenerationRequest([rng.randrange(high) for _ in range(lengths[i % len(lengths)])],
+                                      samplings[i % len(samplings)], 8, ["。"] if i % 5 == 0 else [], ignore_eos=True)
+                    for i in range(2 * burst)]
+
+        async def run() -> None:
+            first_token = asyncio.Event()
+
+            async def one(req: GenerationRequest, wait: bool) -> None:
+                if wait:
+                    await first_token.wait()
+                while True:
+                    try:
+                        async for _ in self.stream(req):
+                            first_token.set()
+                        return
+                    except EngineOverloaded:
+                        await asyncio.sleep(0.01)
+            await asyncio.gather(*[one(r, i >= burst) for i, r in enumerate(requests)])
+        steps = self._steps
+        asyncio.run(run())
+        self.blocks.prefix_queries = self.blocks.prefix_hits = 0
+        info = {"warmup": "full", "requests": len(requests), "prompt_lengths": lengths,
+                "steps": self._steps - steps, "seconds": round(time.perf_counter() - t0, 2)}
+        log.info("warm-up: %d requests (prompts of %s tokens, 4 sampling paths, stop strings) in %d steps, %.2f s",
+                 info["requests"], lengths, info["steps"], info["seconds"])
+        return info
+
     # -- caller side ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink, tag=None) -> _Job:
         """Queue a request (any thread); its chunks go to sink.deliver as (tag, chunk) pairs.

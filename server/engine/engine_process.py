@@ -108,6 +108,12 @@ def run_engine_process(model_dir: str, device: str, dtype: str, trust_remote_cod
         return
     engine = Engine(runner)
     engine.start()
+    try:
+        engine.warmup()            # before "ready": the first burst after it is served warm
+    except Exception as e:
+        engine.stop()
+        outputs.send(("error", type(e).__name__, str(e)))
+        return
     jobs: dict[int, object] = {}
     sink = _PipeSink(outputs, engine, jobs)
     sink.send(("ready", RunnerInfo(runner.path, runner.attention_backend, list(runner.graph_batch_sizes),
