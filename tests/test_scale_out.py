@@ -59,6 +59,30 @@ def healthy_hosts(admin_port: int, cluster: str = "lawchat") -> int:
                if line.startswith(f"{cluster}::") and "::health_flags::healthy" in line)
 
 
+def start_long_streams(client, n: int) -> tuple[list[threading.Thread], list]:
+    """n 400-token streams through `client`, returned once each has its first token; each thread appends
+    ("OK", tokens) or (status name, None) to the list when its stream ends."""
+    outcomes: list = []
+    started = threading.Barrier(n + 1)
+
+    def long_stream():
+        stream = client.chat_stream(QUESTION, max_new_tokens=400, ignore_eos=True)
+        try:
+            it = iter(stream)
+            next(it)
+            started.wait(30)
+            for _ in it:
+                pass
+            outcomes.append(("OK", stream.completion_tokens))
+        except LawchatError as e:
+            outcomes.append((e.code.name, None))
+    threads = [threading.Thread(target=long_stream) for _ in range(n)]
+    for t in threads:
+        t.start()
+    started.wait(30)
+    return threads, outcomes
+
+
 @pytest.fixture
 def two_replicas_behind_envoy(tiny_model, tmp_path):
     a = start_server(tiny_model, tmp_path / "a.log", "--http-port", "0")
@@ -103,24 +127,7 @@ def test_streams_through_envoy_survive_losing_a_replica(two_replicas_behind_envo
     assert requests_served(a) >= 1 and requests_served(b) >= 1
 
     # long streams in flight on both replicas, then replica a is killed
-    outcomes: list = []
-    started = threading.Barrier(7)
-
-    def long_stream():
-        stream = client.chat_stream(QUESTION, max_new_tokens=400, ignore_eos=True)
-        try:
-            it = iter(stream)
-            next(it)
-            started.wait(30)
-            for _ in it:
-                pass
-            outcomes.append(("OK", stream.completion_tokens))
-        except LawchatError as e:
-            outcomes.append((e.code.name, None))
-    threads = [threading.Thread(target=long_stream) for _ in range(6)]
-    for t in threads:
-        t.start()
-    started.wait(30)
+    threads, outcomes = start_long_streams(client, 6)
     on_a = running(a)
     a.stop(signal.SIGKILL)
     for t in threads:
@@ -176,24 +183,7 @@ def test_a_replica_whose_engine_dies_leaves_the_pool_and_only_its_streams_fail(t
     from test_server import chat_health, engine_child
     target, a, b, admin_port, _ = two_replicas_behind_envoy
     client = LawchatClient(target, retry=NO_RETRY, timeout=60)
-    outcomes: list = []
-    started = threading.Barrier(7)
-
-    def long_stream():
-        stream = client.chat_stream(QUESTION, max_new_tokens=400, ignore_eos=True)
-        try:
-            it = iter(stream)
-            next(it)
-            started.wait(30)
-            for _ in it:
-                pass
-            outcomes.append(("OK", stream.completion_tokens))
-        except LawchatError as e:
-            outcomes.append((e.code.name, None))
-    threads = [threading.Thread(target=long_stream) for _ in range(6)]
-    for t in threads:
-        t.start()
-    started.wait(30)
+    threads, outcomes = start_long_streams(client, 6)
     on_a = running(a)
     os.kill(engine_child(a), signal.SIGKILL)
     late = []                                  # requests started after the kill, before Envoy can know
