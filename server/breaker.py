@@ -15,9 +15,10 @@ Decisions, each tested in tests/test_guards.py:
 - Half-open: the package lets every call through once the recovery time has passed; here at most
   `half_open_probes` requests at a time are probes, the others keep getting the canned answer. A probe's
   success closes the breaker, its failure opens it again for another `recovery_seconds`.
-- Successes of requests admitted before the breaker last opened are ignored (a stream that started while
-  all was well says nothing about the engine now); failures count whenever they happen (a step that failed
-  now is news about the engine now), except while open.
+- Successes of requests admitted before the breaker last opened, or before the last counted failure, are
+  ignored (a stream that started while all was well, or a first token that raced a failure, says nothing about
+  the engine now); failures count whenever they happen (a step that failed now is news about the engine now),
+  except while open.
 - The clock is injectable (tests step it instead of sleeping): the package reads `time.monotonic` for its
   open window, so the subclass below keeps that window on the breaker's clock.
 """
@@ -82,6 +83,7 @@ class _ClockedCircuitBreaker(CircuitBreaker):
 class Ticket:
     epoch: int            # the breaker's opening count when the request was admitted
     probe: bool
+    failures: int = 0     # failures counted before it was admitted
     settled: bool = False
 
 
@@ -93,6 +95,7 @@ class Breaker:
                                           recovery_timeout=config.recovery_seconds,
                                           expected_exception=EngineFailure, name="lawchat-engine")
         self._counted: deque = deque(maxlen=1024)   # keys of failures already counted
+        self._failures = 0                          # failures counted so far (tickets note it at admission)
         self._lock = threading.Lock()
         self._epoch = 0
         self._probes = 0
@@ -128,8 +131,8 @@ class Breaker:
                 if self._probes >= self.config.half_open_probes:
                     return "breaker_open"
                 self._probes += 1
-                return Ticket(self._epoch, probe=True)
-            return Ticket(self._epoch, probe=False)
+                return Ticket(self._epoch, True, self._failures)
+            return Ticket(self._epoch, False, self._failures)
 
     def _settle(self, ticket: Ticket) -> bool:
         """Free the probe slot once; -> whether the outcome still counts."""
@@ -141,8 +144,10 @@ class Breaker:
         return ticket.epoch == self._epoch
 
     def success(self, ticket: Ticket) -> None:
+        """A first token. It resets the count only if no failure was counted since the request was admitted: a
+        token that raced a failure (queued before it, read after) says nothing about the engine since."""
         with self._lock:
-            if self._settle(ticket):
+            if self._settle(ticket) and ticket.failures == self._failures:
                 with self._cb:             # no exception: the package resets its count and closes
                     pass
 
@@ -157,6 +162,7 @@ class Breaker:
                 return False
             if error.key is not None:
                 self._counted.append(error.key)
+            self._failures += 1
             self.last_failure = error.kind
             try:
                 with self._cb:

@@ -223,6 +223,12 @@ def test_breaker_counts_each_event_once_and_waits_on_its_clock():
     assert probe.probe and b.admit() == "breaker_open"                    # one probe at a time
     b.success(probe)
     assert (b.state, b.failures) == ("closed", 0)
+    old = b.admit()                                   # a first token that raced a failure resets nothing ...
+    assert b.failure(None, EngineFailure("error", ("step", 1, 9)))
+    b.success(old)
+    assert b.failures == 1
+    b.success(b.admit())                              # ... one admitted after it does
+    assert b.failures == 0
 
 
 def test_a_half_open_probe_is_judged_on_its_first_token(runner):
