@@ -228,7 +228,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                                         trailing_metadata=trailer + ((("retry-after-ms", str(ms)),) if ms else ()))
                 except (EngineStalled, EngineClosed) as e:
                     if isinstance(e, EngineStalled):
-                        failure = EngineFailure("stalled", ("stalled", id(engine), getattr(e, "steps", None)))
+                        failure = EngineFailure("stalled", ("stalled", id(engine), e.steps))
                     else:
                         failure = EngineFailure("engine_gone", ("engine_gone", id(engine)))
                     if ticket is not None:

@@ -114,9 +114,10 @@ class HttpContext:
 
 
 def _typed(body: dict, name: str, types, what: str):
+    """body[name] if it is None or of `types` (a JSON true/false is no number), else a 400 naming it."""
     v = body.get(name)
-    if v is not None and (not isinstance(v, types) or isinstance(v, bool) and bool not in
-                          (types if isinstance(types, tuple) else (types,))):
+    allowed = types if isinstance(types, tuple) else (types,)
+    if v is not None and (not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)):
         raise HttpError(400, f"'{name}' must be {what}, got {json.dumps(v, ensure_ascii=False)[:60]}", name)
     return v
 

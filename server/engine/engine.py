@@ -44,7 +44,12 @@ class EngineClosed(Exception):
 
 
 class EngineStalled(Exception):
-    """The engine made no step for the caller's stall bound while the caller waited on it (a hang)."""
+    """The engine made no step for the caller's stall bound while the caller waited on it (a hang). `steps`: the
+    step count it stalled at (every caller stuck on the same hang reports the same)."""
+
+    def __init__(self, message: str, steps=None):
+        super().__init__(message)
+        self.steps = steps
 
 
 class InvalidGeneration(ValueError):
@@ -188,9 +193,7 @@ async def read_chunks(out: asyncio.Queue, progress=None, stall_seconds: float | 
                 except TimeoutError:
                     now = progress()
                     if now == mark:
-                        stalled = EngineStalled(f"the engine made no step in {stall_seconds:g} s")
-                        stalled.steps = now
-                        raise stalled from None
+                        raise EngineStalled(f"the engine made no step in {stall_seconds:g} s", now) from None
                     mark = now
         while not out.empty():
             items.append(out.get_nowait())
@@ -445,7 +448,7 @@ class Engine:
         log.error("engine step failed (%d prefill, %d decode): %s: %s", len(step.prefill), len(step.decode),
                   type(error).__name__, error)
         if not getattr(self.runner, "rerunnable", False) or len(parts) <= 1:
-            seqs = [s for p, d in parts for s in [x for x, _ in p] + d]
+            seqs = [s for s, _ in step.prefill if alive(s)] + [s for s in step.decode if alive(s)]
             self._fail(seqs, StepFailed(f"generation step failed ({type(error).__name__})", failed_step))
             return
         culprits = []
