@@ -9,6 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BREAKS = [
+ ("openai ignores unknown fields", "server/openai_api.py", "        if name not in FIELDS:", "        if False:",
+  ["tests/test_openai_api.py::test_requests_we_cannot_honour_are_refused_openai_style"]),
+ ("openai drops usage chunk", "server/openai_api.py", "                    if include_usage:\n                        yield event(None, usage=usage(chunk))", "                    if False:\n                        yield event(None, usage=usage(chunk))",
+  ["tests/test_openai_api.py::test_sync_sdk_gets_the_grpc_answer_whole_and_streamed"]),
+ ("warm-up one wave", "server/engine/engine.py", "            return sum(await asyncio.gather(*[one(r, i >= burst) for i, r in enumerate(requests)]))", "            return sum(await asyncio.gather(*[one(r, False) for i, r in enumerate(requests[:burst])]))",
+  ["tests/test_engine_batching.py::test_full_warm_up_covers_mixed_steps_and_changes_no_answer"]),
  ("stall not killed", "server/supervisor.py", "            engine.kill()", "            pass",
   ["tests/test_server.py::test_a_frozen_engine_process_is_killed_and_restarted"]),
  ("seed not folded", "server/engine/engine.py", "seed = fold_seed(request.sampling.seed) if", "seed = (request.sampling.seed) if",

@@ -298,24 +298,24 @@ class Engine:
                                       samplings[i % len(samplings)], 8, ["。"] if i % 5 == 0 else [], ignore_eos=True)
                     for i in range(2 * burst)]
 
-        async def run() -> None:
+        async def run() -> int:
             first_token = asyncio.Event()
 
-            async def one(req: GenerationRequest, wait: bool) -> None:
+            async def one(req: GenerationRequest, wait: bool) -> int:
                 if wait:
                     await first_token.wait()
                 while True:
                     try:
                         async for _ in self.stream(req):
                             first_token.set()
-                        return
+                        return 1
                     except EngineOverloaded:
                         await asyncio.sleep(0.01)
-            await asyncio.gather(*[one(r, i >= burst) for i, r in enumerate(requests)])
+            return sum(await asyncio.gather(*[one(r, i >= burst) for i, r in enumerate(requests)]))
         steps = self._steps
-        asyncio.run(run())
+        served = asyncio.run(run())
         self.blocks.prefix_queries = self.blocks.prefix_hits = 0
-        info = {"warmup": "full", "requests": len(requests), "prompt_lengths": lengths,
+        info = {"warmup": "full", "requests": served, "prompt_lengths": lengths,
                 "steps": self._steps - steps, "seconds": round(time.perf_counter() - t0, 2)}
         log.info("warm-up: %d requests (prompts of %s tokens, 4 sampling paths, stop strings) in %d steps, %.2f s",
                  info["requests"], lengths, info["steps"], info["seconds"])
