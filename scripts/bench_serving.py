@@ -37,13 +37,31 @@ def make_prompts(tokenizer_dir: Path, n: int, n_tokens: int, seed: int = 0) -> l
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     rng = random.Random(seed)
     vocab = [t for t in tok.get_added_vocab() if len(t) == 1 and "\u4e00" <= t <= "\u9fff"] or list(FILLER)
+    overhead = len(encode_prompt(tok, [{"role": "user", "content": ""}]))      # the template's own tokens
+    length = lambda text: overhead + len(tok.encode(text, add_special_tokens=False))   # noqa: E731
     out = []
-    for _ in range(n):
+    for _ in range(n):       # random characters, then the shortest prefix whose prompt reaches n_tokens
         text = ""
-        while len(encode_prompt(tok, [{"role": "user", "content": text}])) < n_tokens:
-            text += rng.choice(vocab)
-        out.append(text)
+        while length(text) < n_tokens:
+            text += "".join(rng.choice(vocab) for _ in range(64))
+        lo, hi = max(0, len(text) - 64), len(text)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if length(text[:mid]) < n_tokens:
+                lo = mid + 1
+            else:
+                hi = mid
+        out.append(text[:lo])
     return out
+
+
+def prompt_tokens(tokenizer_dir: Path, questions: list[str]) -> int:
+    """Mean templated prompt length of the questions, in tokens."""
+    from transformers import AutoTokenizer
+
+    from lawchat_server.prompt import encode_prompt
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return round(sum(len(encode_prompt(tok, [{"role": "user", "content": q}])) for q in questions) / len(questions))
 
 
 def bench_hf(model_dir: Path, device: str, question: str, new_tokens: int) -> tuple[float, float]:
@@ -91,6 +109,57 @@ def copy_bandwidth() -> float:
     del x, y
     torch.cuda.empty_cache()
     return bw
+
+
+def matmul_rate() -> float:
+    """The card's bf16 matmul rate (FLOP/s), measured: 8192^3 products."""
+    import torch
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    rate = 20 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+class Bounds:
+    """Physical bounds of a round on this card, from the model's shape and the rates measured in the same run:
+    prefill at the matmul rate (weights + causal attention FLOPs), decode at the copy bandwidth (weights + the
+    KV cache read every step), run one after the other; TTFT when prompts are prefilled first come first served."""
+
+    def __init__(self, model_dir: Path, rate: float, bw: float):
+        import json
+
+        from safetensors import safe_open
+        cfg = json.loads((model_dir / "config.json").read_text())
+        params = embed = 0
+        for f in model_dir.glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                for k in st.keys():
+                    n = math.prod(st.get_slice(k).get_shape())
+                    params += n
+                    embed += n if "embed_tokens" in k else 0
+        heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        self.matmul_params = params - embed                  # an embedding lookup is not a matmul
+        self.q_width = heads * hd * layers                   # attention FLOPs per (query, key) pair: 4 x this
+        self.kv_bytes = layers * 2 * cfg["num_key_value_heads"] * hd * 2     # bf16 K and V per token
+        self.rate, self.bw = rate, bw
+
+    def prefill_s(self, prompt: int) -> float:
+        return (2 * self.matmul_params * prompt + 4 * self.q_width * prompt * (prompt + 1) / 2) / self.rate
+
+    def round(self, n: int, prompt: int, new: int) -> dict:
+        decode = new * 2 * self.matmul_params + n * self.kv_bytes * new * (prompt + new / 2)
+        total = n * self.prefill_s(prompt) + decode / self.bw
+        return dict(tok_s=n * new / total, ttft50=math.ceil(0.5 * n) * self.prefill_s(prompt),
+                    ttft99=math.ceil(0.99 * n) * self.prefill_s(prompt))
 
 
 def client_process(target: str, questions: list[str], new_tokens: int, start_at: float, results) -> None:
@@ -178,7 +247,10 @@ def main() -> None:
                     help="comma list of: process (engine in its own process, overlapped steps: the default), sync "
                          "(the same with engine.overlap off: the baseline of the overlap), thread (engine in-process), "
                          "nowarm (process with engine.warmup minimal: the baseline of the warm-up)")
+    ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                    help="an engine setting for every mode, e.g. --engine max_prefill_tokens=8192 (repeatable)")
     a = ap.parse_args()
+    engine_sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.engine)}
     streams = [int(s) for s in a.streams.split(",")]
 
     model_dir = a.model
@@ -192,7 +264,8 @@ def main() -> None:
     questions = make_prompts(model_dir, sum(streams) + 8 + a.first_burst * len(a.engine_modes.split(",")),
                              a.prompt_tokens)
     hf_ttft, hf_tok_s = bench_hf(model_dir, a.device, questions[0], a.new_tokens)
-    limit = None
+    prompt_len = prompt_tokens(model_dir, questions)
+    limit = bounds = None
     if a.device.startswith("cuda"):
         from safetensors import safe_open
         n_bytes = 0
@@ -201,12 +274,14 @@ def main() -> None:
                 n_bytes += sum(2 * math.prod(st.get_slice(k).get_shape()) for k in st.keys())   # bf16
         bw = copy_bandwidth()
         limit = bw / n_bytes
+        bounds = Bounds(model_dir, matmul_rate(), bw)
     results, firsts, log_tail = {}, {}, ""
     spare = sum(streams)                                           # first bursts take prompts from here on
     for mode in a.engine_modes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             t_start = time.perf_counter()
-            proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log", MODES[mode])
+            proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log",
+                                         {**MODES[mode], **engine_sets})
             startup = time.perf_counter() - t_start
             try:
                 if a.first_burst:                                  # the first users after ready: no warm-up round
@@ -225,17 +300,23 @@ def main() -> None:
                 log = (Path(tmp) / "server.log").read_text()
                 log_tail += f"[{mode}] " + "".join(ln + "\n" for ln in log.splitlines() if "engine: " in ln) + log[-600:]
     print(f"\ncard: {card} | model: {model_dir} | prompt ~{a.prompt_tokens} tokens, {a.new_tokens} new tokens "
-          f"(EOS ignored) | {a.clients} client processes | torch {torch.__version__}")
+          f"(EOS ignored) | {a.clients} client processes | torch {torch.__version__}"
+          + (f" | engine {engine_sets}" if engine_sets else ""))
     if limit:
-        print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {n_bytes / 1e9:.2f} GB -> one-stream limit {limit:.0f} tok/s")
+        print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {n_bytes / 1e9:.2f} GB -> one-stream limit {limit:.0f} tok/s; "
+              f"bf16 matmul {bounds.rate / 1e12:.0f} TFLOP/s -> prefill of one {prompt_len}-token prompt "
+              f"{bounds.prefill_s(prompt_len) * 1e3:.1f} ms")
     print(f"baseline HF generate + TextIteratorStreamer, 1 stream: TTFT {hf_ttft * 1e3:.1f} ms, {hf_tok_s:.1f} tok/s")
-    print("| engine | streams | output tok/s | vs HF | vs limit | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
-          "TPOT p99 ms | msg gap p50 ms | msg gap p99 ms | msgs/stream |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| engine | streams | output tok/s | vs HF | bound tok/s | vs bound | TTFT p50 ms (bound) | "
+          "TTFT p99 ms (bound) | TPOT p50 ms | TPOT p99 ms | msg gap p50 ms | msg gap p99 ms | msgs/stream |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, n, r in [(m, n, r) for m, rows in results.items() for n, r in rows]:
-        vs_limit = f"{r['tok_s'] / limit:.2f}" if limit and n == 1 else "-"
-        print(f"| {mode} | {n} | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {vs_limit} | {r['ttft50'] * 1e3:.1f} | "
-              f"{r['ttft99'] * 1e3:.1f} | {r['tpot50'] * 1e3:.2f} | {r['tpot99'] * 1e3:.2f} | {r['gap50'] * 1e3:.2f} | "
+        b = bounds.round(n, prompt_len, a.new_tokens) if bounds else None
+        bound = f"{b['tok_s']:.0f} | {r['tok_s'] / b['tok_s']:.2f}" if b else "- | -"
+        t50 = f" ({b['ttft50'] * 1e3:.0f})" if b else ""
+        t99 = f" ({b['ttft99'] * 1e3:.0f})" if b else ""
+        print(f"| {mode} | {n} | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {bound} | {r['ttft50'] * 1e3:.1f}{t50} | "
+              f"{r['ttft99'] * 1e3:.1f}{t99} | {r['tpot50'] * 1e3:.2f} | {r['tpot99'] * 1e3:.2f} | {r['gap50'] * 1e3:.2f} | "
               f"{r['gap99'] * 1e3:.2f} | {r['msgs_per_stream']:.0f} |")
     for mode, (startup, r) in firsts.items():
         warm = dict(results[mode]).get(a.first_burst)

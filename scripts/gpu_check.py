@@ -2,7 +2,8 @@
 
     python scripts/gpu_check.py --tokenizer runs/demo/merged [--skip-6b]
 
-1. Triton paged decode vs the torch gather+SDPA path (bf16, GQA, ragged lengths, every split count).
+1. Triton paged decode vs the torch gather+SDPA path (bf16, GQA, ragged lengths, every split count); the
+   varlen prefill (FlashAttention-2 varlen, chunks continuing cached context) vs SDPA per chunk.
 2. Greedy tokens of the engine (CUDA graphs + Triton, fp32) vs HF generate on tiny random GLM / Llama / Qwen2,
    8 concurrent requests of different lengths.
 3. ChatGLM3-6B shape, random bf16 weights: engine throughput (no gRPC) at 1/16/64/256 concurrent streams.
@@ -47,6 +48,29 @@ def check_kernel() -> None:
             err = (out - ref).abs().max().item()
             print(f"kernel heads={heads} kvh={kvh} d={d} bs={bs} splits={splits}: max abs err {err:.4f}")
             assert err < 2e-2, err
+
+
+def check_varlen() -> None:
+    """One FlashAttention-2 varlen call over packed chunks (bf16) vs SDPA per chunk (fp32); chunks with a cached
+    prefix (q_len < k_len) check that the causal mask is aligned bottom-right."""
+    from lawchat_server.engine.attention import PrefillBatch, varlen_causal
+    torch.manual_seed(0)
+    for heads, kvh, d in ((32, 2, 128), (4, 2, 64)):
+        chunks = [(7, 7), (1, 300), (64, 64), (128, 900), (333, 333), (16, 17)]     # (q_len, k_len)
+        bounds, qs, ks = [], 0, 0
+        for ql, kl in chunks:
+            bounds.append((qs, ql, ks, kl))
+            qs, ks = qs + ql, ks + kl
+        cu = torch.tensor([[b[0] for b in bounds] + [qs], [b[2] for b in bounds] + [ks]], dtype=torch.int32,
+                          device="cuda")
+        pb = PrefillBatch(cu[0], cu[1], max(c[0] for c in chunks), max(c[1] for c in chunks), None, bounds)
+        q = torch.randn(qs, heads, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(ks, kvh, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out = varlen_causal(q, k, v, pb).float()
+        ref = varlen_causal(q.float(), k.float(), v.float(), pb)      # fp32: the per-chunk SDPA path
+        err = (out - ref).abs().max().item()
+        print(f"varlen prefill heads={heads} kvh={kvh} d={d}: max abs err {err:.4f} vs per-chunk SDPA")
+        assert err < 2e-2, err
 
 
 def check_fused_ops() -> None:
@@ -222,6 +246,7 @@ def main() -> None:
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     check_kernel()
+    check_varlen()
     check_fused_ops()
     bench_attention()
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,18 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lawchat_server.engine.attention import flash_ok    # one check for both varlen callers
+
 NAME = "lawchat_varlen"
 
 
 def row_starts(batch: int, length: int, device) -> torch.Tensor:
     """Each padded row as one sequence: [0, T, 2T, ..., B*T] (int32)."""
     return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
-
-
-def flash_ok(q: torch.Tensor) -> bool:
-    """PyTorch's FlashAttention-2: CUDA, half precision, Ampere or newer (else the per-example SDPA below)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 256                 # sequences decoded together (the largest CUDA-graph batch)
-    max_prefill_tokens: int = 2048          # prompt tokens computed per step: bounds a long prompt's stall
+    max_prefill_tokens: int = 8192          # prompt tokens computed per step: bounds a long prompt's stall
     max_waiting: int = 64                   # queued requests beyond this get RESOURCE_EXHAUSTED
     block_size: int = 16                    # tokens per KV-cache block (also the prefix-cache granularity)
     gpu_memory_fraction: float = 0.90       # CUDA: share of the card's memory the process may fill (KV included)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..prompt import check_template, encode_prompt
-from .attention import AttentionMetadata, PrefillSeq
+from .attention import AttentionMetadata, PrefillBatch
 from .config import EngineConfig
 from .model import FastModel, supports_fast_path
 from .sampler import SamplingBatch, SamplingParams, sample
@@ -219,19 +219,17 @@ class FastRunner(BaseRunner):
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> StepHandle:
-        sampled: list[Sequence] = []
-        logits = []
+        """One forward pass for the whole step: prefill chunks and decode rows together (a decode-only step may
+        replay a CUDA graph)."""
         if prefill:
-            lg, seqs = self._prefill(prefill)
-            logits.append(lg)
-            sampled += seqs
-        if decode:
-            logits.append(self._decode(decode))
-            sampled += decode
-        if not sampled:
+            logits, sampled = self._mixed(prefill, decode)
+        elif decode:
+            logits, sampled = self._decode(decode), decode
+        else:
             return StepHandle([])
-        all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        tokens = sample(all_logits, self.sampling_batch(sampled))
+        if not sampled:       # only chunks that do not finish their prompt: nothing to sample
+            return StepHandle([])
+        tokens = sample(logits, self.sampling_batch(sampled))
         self.last_tokens = tokens
         return StepHandle(sampled, tokens)       # its result() is the one host sync of the step
 
@@ -251,29 +249,64 @@ class FastRunner(BaseRunner):
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def _context_slots(self, seq: Sequence, n: int) -> torch.Tensor:
+        """Cache slots of positions [0, n) of seq (its cached prefix), on the host."""
+        pos = torch.arange(n)
+        table = torch.tensor(seq.block_table[: -(-n // self.block_size)], dtype=torch.int64)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _mixed(self, chunks: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Prefill chunks (rows first) and decode rows (one per sequence, after them) in one forward pass."""
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        seqs: list[PrefillSeq] = []
         rows: list[int] = []
         sampled: list[Sequence] = []
+        bounds: list[tuple[int, int, int, int]] = []
+        kv_parts: list[torch.Tensor] = []
+        k_total = 0
         for seq, n in chunks:
             start = seq.num_computed
             q_start = len(ids)
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
-            slots += [self._slot(seq, p) for p in range(start, start + n)]
-            table = self.to_device(torch.tensor(seq.block_table, dtype=torch.int64)) if start else None
-            seqs.append(PrefillSeq(q_start, n, start, table))
+            chunk_slots = [self._slot(seq, p) for p in range(start, start + n)]
+            slots += chunk_slots
+            if start:
+                kv_parts.append(self._context_slots(seq, start))
+            kv_parts.append(torch.tensor(chunk_slots, dtype=torch.int64))
+            bounds.append((q_start, n, k_total, start + n))
+            k_total += start + n
             if start + n == len(seq):
                 rows.append(len(ids) - 1)
                 sampled.append(seq)
+        n_prefill = len(ids)
+        cu = torch.tensor([[b[0] for b in bounds] + [n_prefill], [b[2] for b in bounds] + [k_total]],
+                          dtype=torch.int32)
+        any_context = any(seq.num_computed for seq, _ in chunks)
+        kv_slots = self.to_device(torch.cat(kv_parts)) if any_context else None
+        cu = self.to_device(cu)
+        pb = PrefillBatch(cu[0], cu[1], max(b[1] for b in bounds), max(b[3] for b in bounds), kv_slots, bounds)
+        tables = ctx_lens = None
+        if decode:
+            ctx = [len(s) for s in decode]
+            rows += range(n_prefill, n_prefill + len(decode))
+            ids += [s.last_token for s in decode]
+            pos += [c - 1 for c in ctx]
+            slots += [self._slot(s, c - 1) for s, c in zip(decode, ctx)]
+            width = max(len(s.block_table) for s in decode)
+            tables = self.to_device(torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode],
+                                                 dtype=torch.int32))
+            ctx_lens = self.to_device(torch.tensor(ctx, dtype=torch.int32))
         host = self.to_device(torch.tensor([ids, pos, slots], dtype=torch.int64))
-        meta = AttentionMetadata(slot_mapping=host[2], decode=False, prefill=seqs)
+        if decode:
+            self._fill_pending(host[0, n_prefill:], self._pending_ids(decode))
+        meta = AttentionMetadata(slot_mapping=host[2], prefill=pb, num_prefill_tokens=n_prefill, block_tables=tables,
+                                 context_lens=ctx_lens, use_triton=self.attention_backend == "triton",
+                                 num_splits=self._splits(len(decode)) if decode else 1)
         logits = self.model.forward(host[0], host[1], self.kv_cache, meta,
                                     self.to_device(torch.tensor(rows, dtype=torch.int64)))
-        return logits, sampled
+        return logits, sampled + decode
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         b = len(seqs)
@@ -289,7 +322,7 @@ class FastRunner(BaseRunner):
         if bucket is None:   # eager: CPU, or a batch above the largest graph
             host, tables = self.to_device(host), self.to_device(tables)
             self._fill_pending(host[0], pending)
-            meta = AttentionMetadata(slot_mapping=host[2], decode=True, block_tables=tables,
+            meta = AttentionMetadata(slot_mapping=host[2], block_tables=tables,
                                      context_lens=host[3].to(torch.int32), use_triton=self.attention_backend == "triton",
                                      num_splits=self._splits(b))
             return self.model.forward(host[0], host[1], self.kv_cache, meta)
@@ -334,7 +367,7 @@ class FastRunner(BaseRunner):
         pool = None
         with torch.inference_mode():
             for b in reversed(sizes):
-                meta = AttentionMetadata(slot_mapping=self.g_slots[:b], decode=True, block_tables=self.g_tables[:b],
+                meta = AttentionMetadata(slot_mapping=self.g_slots[:b], block_tables=self.g_tables[:b],
                                          context_lens=self.g_ctx[:b], use_triton=True, num_splits=self._splits(b))
                 self.model.forward(self.g_ids[:b], self.g_pos[:b], self.kv_cache, meta)   # compile kernels
                 torch.cuda.synchronize(dev)
