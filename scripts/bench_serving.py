@@ -4,9 +4,14 @@ with the HF generate baseline and the card's copy-bandwidth limit measured in th
     python scripts/bench_serving.py --random-glm6b /tmp/glm6b --tokenizer runs/demo/merged --device cuda
     python scripts/bench_serving.py --model runs/demo/merged --streams 1,16          # CPU, the demo model
 
-Every request has a ~128-token prompt of its own (no prefix-cache hits) and asks for exactly 256 new tokens
-(EOS ignored). Reported as vLLM's serving benchmark does: output tok/s over the round's wall time, TTFT
-p50/p99, TPOT (time per output token after the first) p50/p99, and the gap between stream messages p50/p99.
+    python scripts/bench_serving.py ... --prompt-tokens 900 --streams 64,128 --first-burst 64  # retrieval-shaped
+    python scripts/bench_serving.py ... --prompt-tokens 900 --scenario shared-system            # or multi-turn
+
+Every request asks for exactly 256 new tokens (EOS ignored); every round sends new prompts (no prefix-cache hits
+across rounds: --scenario names the hits a round is about). Reported as vLLM's serving benchmark does: output
+tok/s over the round's wall time, TTFT p50/p99, TPOT (time per output token after the first) p50/p99, the gap
+between stream messages p50/p99 — and on CUDA each row's physical bound from rates measured in the same run
+(`Bounds`): throughput and TTFT if prefill ran at the card's matmul rate and decode at its copy bandwidth.
 """
 from __future__ import annotations
 
@@ -55,13 +60,14 @@ def make_prompts(tokenizer_dir: Path, n: int, n_tokens: int, seed: int = 0) -> l
     return out
 
 
-def prompt_tokens(tokenizer_dir: Path, questions: list[str]) -> int:
-    """Mean templated prompt length of the questions, in tokens."""
+def prompt_tokens(tokenizer_dir: Path, questions: list) -> int:
+    """Mean templated prompt length of the questions (user texts or message lists), in tokens."""
     from transformers import AutoTokenizer
 
     from lawchat_server.prompt import encode_prompt
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return round(sum(len(encode_prompt(tok, [{"role": "user", "content": q}])) for q in questions) / len(questions))
+    msgs = [[{"role": "user", "content": q}] if isinstance(q, str) else q for q in questions]
+    return round(sum(len(encode_prompt(tok, m)) for m in msgs) / len(msgs))
 
 
 def bench_hf(model_dir: Path, device: str, question: str, new_tokens: int) -> tuple[float, float]:
@@ -152,34 +158,41 @@ class Bounds:
         self.kv_bytes = layers * 2 * cfg["num_key_value_heads"] * hd * 2     # bf16 K and V per token
         self.rate, self.bw = rate, bw
 
-    def prefill_s(self, prompt: int) -> float:
-        return (2 * self.matmul_params * prompt + 4 * self.q_width * prompt * (prompt + 1) / 2) / self.rate
+    def prefill_s(self, prompt: int, cached: int = 0) -> float:
+        """Prefill of positions [cached, prompt) of one prompt (the rest served by the prefix cache)."""
+        new = prompt - cached
+        return (2 * self.matmul_params * new + 4 * self.q_width * (prompt * (prompt + 1) - cached * (cached + 1)) / 2
+                ) / self.rate
 
-    def round(self, n: int, prompt: int, new: int) -> dict:
+    def round(self, n: int, prompt: int, new: int, cached: int = 0) -> dict:
         decode = new * 2 * self.matmul_params + n * self.kv_bytes * new * (prompt + new / 2)
-        total = n * self.prefill_s(prompt) + decode / self.bw
-        return dict(tok_s=n * new / total, ttft50=math.ceil(0.5 * n) * self.prefill_s(prompt),
-                    ttft99=math.ceil(0.99 * n) * self.prefill_s(prompt))
+        one = self.prefill_s(prompt, cached)
+        total = n * one + decode / self.bw
+        return dict(tok_s=n * new / total, ttft50=math.ceil(0.5 * n) * one, ttft99=math.ceil(0.99 * n) * one)
 
 
-def client_process(target: str, questions: list[str], new_tokens: int, start_at: float, results) -> None:
+def client_process(target: str, items: list[tuple[int, str | list[dict]]], new_tokens: int, start_at: float,
+                   results) -> None:
     from lawchat_client import LawchatClient
     rows = []
     lock = threading.Lock()
 
-    def one(q: str) -> None:
+    def one(i: int, q: str | list[dict]) -> None:
         with LawchatClient(target, timeout=600) as c:
             while time.time() < start_at:
                 time.sleep(0.001)
             t0 = time.perf_counter()
             stream = c.chat_stream(q, max_new_tokens=new_tokens, ignore_eos=True)
-            stamps = [time.perf_counter() for _ in stream]
+            stamps, text = [], []
+            for delta in stream:
+                stamps.append(time.perf_counter())
+                text.append(delta)
             end = time.perf_counter()
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
         with lock:
-            rows.append((stamps[0] - t0, end - t0, stream.completion_tokens, gaps))
+            rows.append((stamps[0] - t0, end - t0, stream.completion_tokens, gaps, i, "".join(text)))
 
-    threads = [threading.Thread(target=one, args=(q,)) for q in questions]
+    threads = [threading.Thread(target=one, args=item) for item in items]
     for t in threads:
         t.start()
     for t in threads:
@@ -187,10 +200,12 @@ def client_process(target: str, questions: list[str], new_tokens: int, start_at:
     results.put(rows)
 
 
-def run_round(target: str, questions: list[str], new_tokens: int, processes: int) -> dict:
+def run_round(target: str, questions: list, new_tokens: int, processes: int) -> dict:
+    """All streams start together; questions are user texts or message lists. -> stats, and `answers` in order."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    shares = [questions[i::processes] for i in range(min(processes, len(questions)))]
+    items = list(enumerate(questions))
+    shares = [items[i::processes] for i in range(min(processes, len(items)))]
     start_at = time.time() + 2.0
     procs = [ctx.Process(target=client_process, args=(target, s, new_tokens, start_at, results)) for s in shares]
     for p in procs:
@@ -205,7 +220,32 @@ def run_round(target: str, questions: list[str], new_tokens: int, processes: int
     q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]   # noqa: E731
     return dict(tokens=sum(r[2] for r in rows), tok_s=sum(r[2] for r in rows) / wall,
                 ttft50=q(ttft, .5), ttft99=q(ttft, .99), tpot50=q(tpot, .5), tpot99=q(tpot, .99),
-                gap50=q(gaps, .5), gap99=q(gaps, .99), msgs_per_stream=(len(gaps) + len(rows)) / len(rows))
+                gap50=q(gaps, .5), gap99=q(gaps, .99), msgs_per_stream=(len(gaps) + len(rows)) / len(rows),
+                answers=[r[5] for r in sorted(rows, key=lambda r: r[4])])
+
+
+SCENARIOS = ("plain", "shared-system", "multi-turn")
+
+
+def scenario_round(target: str, scenario: str, questions: list[str], new_tokens: int, processes: int,
+                   tok_dir: Path, system: str = "", follow_ups: list[str] = ()) -> dict:
+    """plain: each stream its own prompt. shared-system: one long system message before each stream's own short
+    question (its blocks come from the prefix cache after the first stream). multi-turn: each stream's first turn,
+    then (the measured round) its second: that question, the answer and a new question, the first prompt of which
+    the prefix cache may serve. -> run_round's stats + prompt_len (mean, tokens) and cached (tokens per prompt the
+    cache can serve: the bound assumes it does)."""
+    if scenario == "plain":
+        sent, cached = questions, 0
+    elif scenario == "shared-system":
+        sent = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in questions]
+        cached = prompt_tokens(tok_dir, [[{"role": "system", "content": system}]]) // 16 * 16
+    else:
+        first = run_round(target, questions, new_tokens, processes)
+        sent = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}, {"role": "user", "content": f}]
+                for q, a, f in zip(questions, first["answers"], follow_ups)]
+        cached = (prompt_tokens(tok_dir, questions) - 2) // 16 * 16   # the first turn's prompt, less its reply cue
+    return {**run_round(target, sent, new_tokens, processes), "prompt_len": prompt_tokens(tok_dir, sent),
+            "cached": cached}
 
 
 MODES = {"process": {}, "sync": {"overlap": False}, "thread": {"separate_process": False},   # engine overrides
@@ -247,6 +287,10 @@ def main() -> None:
                     help="comma list of: process (engine in its own process, overlapped steps: the default), sync "
                          "(the same with engine.overlap off: the baseline of the overlap), thread (engine in-process), "
                          "nowarm (process with engine.warmup minimal: the baseline of the warm-up)")
+    ap.add_argument("--scenario", choices=SCENARIOS, default="plain",
+                    help="plain: a prompt of its own per stream; shared-system: a shared system message of "
+                         "--prompt-tokens - 64 tokens + a 64-token question; multi-turn: the second turn of chats "
+                         "whose first prompt had --prompt-tokens")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                     help="an engine setting for every mode, e.g. --engine max_prefill_tokens=8192 (repeatable)")
     a = ap.parse_args()
@@ -265,6 +309,12 @@ def main() -> None:
                              a.prompt_tokens)
     hf_ttft, hf_tok_s = bench_hf(model_dir, a.device, questions[0], a.new_tokens)
     prompt_len = prompt_tokens(model_dir, questions)
+    row_questions, system, follow_ups = questions, "", [""] * sum(streams)
+    if a.scenario == "shared-system":
+        row_questions = make_prompts(model_dir, sum(streams), 64, seed=1)
+        system = make_prompts(model_dir, 1, a.prompt_tokens - 64, seed=2)[0]
+    elif a.scenario == "multi-turn":
+        follow_ups = make_prompts(model_dir, sum(streams), 64, seed=3)
     limit = bounds = None
     if a.device.startswith("cuda"):
         from safetensors import safe_open
@@ -291,7 +341,8 @@ def main() -> None:
                 run_round(target, questions[-8:], 16, 2)          # warm-up: connections, first shapes
                 rows, used = [], 0
                 for n in streams:
-                    rows.append((n, run_round(target, questions[used:used + n], a.new_tokens, a.clients)))
+                    rows.append((n, scenario_round(target, a.scenario, row_questions[used:used + n], a.new_tokens,
+                                                   a.clients, model_dir, system, follow_ups[used:used + n])))
                     used += n
                 results[mode] = rows
             finally:
@@ -299,7 +350,8 @@ def main() -> None:
                 proc.wait(60)
                 log = (Path(tmp) / "server.log").read_text()
                 log_tail += f"[{mode}] " + "".join(ln + "\n" for ln in log.splitlines() if "engine: " in ln) + log[-600:]
-    print(f"\ncard: {card} | model: {model_dir} | prompt ~{a.prompt_tokens} tokens, {a.new_tokens} new tokens "
+    print(f"\ncard: {card} | model: {model_dir} | scenario {a.scenario}, prompt ~{a.prompt_tokens} tokens, "
+          f"{a.new_tokens} new tokens "
           f"(EOS ignored) | {a.clients} client processes | torch {torch.__version__}"
           + (f" | engine {engine_sets}" if engine_sets else ""))
     if limit:
@@ -307,15 +359,15 @@ def main() -> None:
               f"bf16 matmul {bounds.rate / 1e12:.0f} TFLOP/s -> prefill of one {prompt_len}-token prompt "
               f"{bounds.prefill_s(prompt_len) * 1e3:.1f} ms")
     print(f"baseline HF generate + TextIteratorStreamer, 1 stream: TTFT {hf_ttft * 1e3:.1f} ms, {hf_tok_s:.1f} tok/s")
-    print("| engine | streams | output tok/s | vs HF | bound tok/s | vs bound | TTFT p50 ms (bound) | "
+    print("| engine | streams | prompt tokens (cacheable) | output tok/s | vs HF | bound tok/s | vs bound | TTFT p50 ms (bound) | "
           "TTFT p99 ms (bound) | TPOT p50 ms | TPOT p99 ms | msg gap p50 ms | msg gap p99 ms | msgs/stream |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, n, r in [(m, n, r) for m, rows in results.items() for n, r in rows]:
-        b = bounds.round(n, prompt_len, a.new_tokens) if bounds else None
+        b = bounds.round(n, r["prompt_len"], a.new_tokens, r["cached"]) if bounds else None
         bound = f"{b['tok_s']:.0f} | {r['tok_s'] / b['tok_s']:.2f}" if b else "- | -"
         t50 = f" ({b['ttft50'] * 1e3:.0f})" if b else ""
         t99 = f" ({b['ttft99'] * 1e3:.0f})" if b else ""
-        print(f"| {mode} | {n} | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {bound} | {r['ttft50'] * 1e3:.1f}{t50} | "
+        print(f"| {mode} | {n} | {r['prompt_len']} ({r['cached']}) | {r['tok_s']:.0f} | {r['tok_s'] / hf_tok_s:.1f} | {bound} | {r['ttft50'] * 1e3:.1f}{t50} | "
               f"{r['ttft99'] * 1e3:.1f}{t99} | {r['tpot50'] * 1e3:.2f} | {r['tpot99'] * 1e3:.2f} | {r['gap50'] * 1e3:.2f} | "
               f"{r['gap99'] * 1e3:.2f} | {r['msgs_per_stream']:.0f} |")
     for mode, (startup, r) in firsts.items():
