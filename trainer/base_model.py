@@ -45,6 +45,21 @@ class PretrainConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     seed: int = 0
+    precision: str = "fp32"      # fp32 | bf16 (autocast, fp32 weights) | auto: bf16 where the CPU has native bf16 matmuls
+
+
+def native_bf16() -> bool:
+    """True where bf16 matmuls run natively on this CPU (AVX512-BF16 / AMX: ~3.5x fp32's rate on 2 Zen 4 cores)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_bf16(precision: str) -> bool:
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and native_bf16())
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -113,6 +128,7 @@ def pretrain(model: GlmForCausalLM, docs: list[list[int]], pad_id: int, cfg: Pre
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
+    bf16 = use_bf16(cfg.precision)
     losses: list[float] = []
     batches: list[list[int]] = []
     bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", mininterval=2.0)
@@ -122,7 +138,8 @@ def pretrain(model: GlmForCausalLM, docs: list[list[int]], pad_id: int, cfg: Pre
         input_ids, labels = make_batch([docs[i] for i in batches.pop()], pad_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -62,6 +62,8 @@ def build_base(cfg: dict, out: Path) -> dict:
     db = demo_corpus.find_laws_db()
     focus = demo_corpus.read_articles(db, cfg["laws"])
     tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else demo_corpus.read_articles(db)
+    if isinstance(cfg["tokenizer_corpus"], int):      # an even sample of every law: the BPE trains in a fraction
+        tok_articles = tok_articles[::max(1, len(tok_articles) // cfg["tokenizer_corpus"])] + focus
     # forum-style Q&A with other seeds' question wording than the fine-tune set, plus the everyday Q&A
     forum = demo_corpus.forum_lines(
         demo_corpus.statute_rows(focus, cfg["pretrain_qa_per_article"], cfg["seed"] + 1) + demo_corpus.everyday_rows())

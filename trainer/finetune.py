@@ -161,12 +161,16 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         args["eval_strategy"] = "no"
     use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args.setdefault("bf16", use_bf16)
+    if args["bf16"] and not torch.cuda.is_available():
+        args.setdefault("use_cpu", True)        # transformers asks for it to run bf16 on the CPU (autocast)
     args.setdefault("report_to", "none")
     if cfg.batching == "grouped":
         args.update(length_grouping_args())
     training_args = TrainingArguments(output_dir=str(out), **args)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if training_args.bf16 else torch.float32,
+    # on CUDA bf16 weights; on the CPU fp32 weights under bf16 autocast (measured faster there: the elementwise ops stay fp32)
+    bf16_weights = training_args.bf16 and torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16_weights else torch.float32,
                                                  trust_remote_code=trust_remote_code)
     if (cfg.batching == "packed" or cfg.attention == "varlen") and not model.is_backend_compatible():
         raise FinetuneError(f"{model_dir}: batching: packed and attention: varlen need a model whose attention "
