@@ -1,6 +1,8 @@
-"""admin_service: lawchat.v1.AdminService — status, the degraded switch, limits, model reload, drain."""
+"""admin_service: lawchat.v1.AdminService — status, the degraded switch, limits, model reload, drain, and
+documents added to (or deleted from) the retrieval index at run time."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -10,6 +12,7 @@ from lawchat.v1 import admin_pb2, admin_pb2_grpc
 from . import __version__
 from .breaker import Breaker
 from .engine_slot import EngineSlot, ReloadError
+from .knowledge import Document, InvalidDocuments, add_documents, delete_documents
 from .limiter import Limiter, LimitsConfig, Rate
 
 log = logging.getLogger("lawchat.admin")
@@ -27,8 +30,9 @@ def limits_message(cfg: LimitsConfig) -> admin_pb2.Limits:
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, slot: EngineSlot, breaker: Breaker, limiter: Limiter, auth_enabled: bool,
-                 grace_seconds: float, on_drain=None):
+                 grace_seconds: float, on_drain=None, retriever=None):
         self.slot, self.breaker, self.limiter = slot, breaker, limiter
+        self.retriever = retriever          # retrieval.Retriever (sqlite), OpenSearchRetriever, or None
         self.auth_enabled = auth_enabled
         self.grace_seconds = grace_seconds
         self.on_drain = on_drain            # async callback: health NOT_SERVING
@@ -46,6 +50,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                                             open_remaining_seconds=b.open_remaining, last_failure=b.last_failure),
             limits=limits_message(self.limiter.config), degraded=self._degraded(), draining=self.slot.draining,
             auth_enabled=self.auth_enabled)
+        if self.retriever is not None:
+            resp.knowledge.CopyFrom(await asyncio.to_thread(self._knowledge))
         e = self.slot.engine
         if e is None:                      # the first model is still loading
             return resp
@@ -99,3 +105,42 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         left = await self.slot.drain(timeout)
         log.warning("drain: %s", "empty" if left == 0 else f"{left} requests still in flight after {timeout:g} s")
         return admin_pb2.DrainResponse(drained=left == 0, in_flight=left)
+
+    # -- knowledge ---------------------------------------------------------------------------------
+    def _knowledge(self) -> admin_pb2.KnowledgeStatus:
+        if not hasattr(self.retriever, "knowledge_status"):
+            return admin_pb2.KnowledgeStatus(backend="opensearch")
+        version, articles, documents = self.retriever.knowledge_status()
+        return admin_pb2.KnowledgeStatus(backend="sqlite", version=version, articles=articles, documents=documents)
+
+    async def _index(self, context):
+        if self.retriever is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "retrieval is off: start the server with retrieval.index (--retrieval-index FILE)")
+        if not hasattr(self.retriever, "knowledge_status"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the OpenSearch backend: index documents into the cluster with its own tools")
+        return self.retriever.path
+
+    async def AddDocuments(self, request, context) -> admin_pb2.AddDocumentsResponse:
+        index = await self._index(context)
+        docs = [Document(d.id, d.law, d.article, d.text) for d in request.documents]
+        try:
+            change = await asyncio.to_thread(add_documents, index, docs)     # jieba + a write transaction
+        except InvalidDocuments as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.warning("knowledge: %d documents added, %d replaced -> version %d", change.added, change.replaced,
+                    change.version)
+        return admin_pb2.AddDocumentsResponse(added=change.added, replaced=change.replaced,
+                                              knowledge=await asyncio.to_thread(self._knowledge))
+
+    async def DeleteDocuments(self, request, context) -> admin_pb2.DeleteDocumentsResponse:
+        index = await self._index(context)
+        try:
+            change = await asyncio.to_thread(delete_documents, index, list(request.ids))
+        except InvalidDocuments as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.warning("knowledge: %d documents deleted, %d ids not found -> version %d", change.deleted,
+                    len(change.not_found), change.version)
+        return admin_pb2.DeleteDocumentsResponse(deleted=change.deleted, not_found=change.not_found,
+                                                 knowledge=await asyncio.to_thread(self._knowledge))

@@ -98,7 +98,7 @@ def build_app(cfg: ServerConfig, slot: EngineSlot, clock=time.monotonic) -> App:
         slot.draining = True
         await update_health(app)
 
-    admin = AdminService(slot, breaker, limiter, keys.enabled, cfg.grace_seconds, on_drain)
+    admin = AdminService(slot, breaker, limiter, keys.enabled, cfg.grace_seconds, on_drain, retriever)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,4 +1,4 @@
-"""The serving side of the `lawchat` command: serve, index, retrieve, keys (no training extras needed)."""
+"""The serving side of the `lawchat` command: serve, index, retrieve, kb, keys (no training extras needed)."""
 from __future__ import annotations
 
 import json
@@ -44,6 +44,38 @@ def cmd_index_export(a) -> int:
         raise FileNotFoundError(f"no such index: {a.index}")
     n = export_bulk(a.index, a.out, a.index_name)
     print(f"{n} articles -> {a.out} (bulk NDJSON for index {a.index_name})", file=sys.stderr)
+    return 0
+
+
+def cmd_kb(a) -> int:
+    """Add or delete documents: through a running server (AdminService; live at once) or in an index file."""
+    from .knowledge import InvalidDocuments, add_documents, delete_documents, read_jsonl
+    if (a.server is None) == (a.index is None):
+        raise ValueError("give --server HOST:PORT (a running server) or --index FILE (an index no server is writing)")
+    try:
+        docs = read_jsonl(a.file) if a.action == "add" else None
+        if a.server is None:
+            change = add_documents(a.index, docs) if docs is not None else delete_documents(a.index, a.ids)
+            result = {"added": change.added, "replaced": change.replaced, "deleted": change.deleted,
+                      "not_found": list(change.not_found), "knowledge": {"version": change.version,
+                                                                        "articles": change.articles}}
+        else:
+            import grpc
+            from lawchat_client import LawchatClient
+            with LawchatClient(a.server, api_key=a.api_key, timeout=a.timeout) as client:
+                try:
+                    result = client.add_documents([d.__dict__ for d in docs]) if docs is not None else \
+                        client.delete_documents(a.ids)
+                except grpc.RpcError as e:
+                    print(f"lawchat kb {a.action}: {e.code().name}: {e.details()}", file=sys.stderr)
+                    return 2 if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                                             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) else 1
+    except InvalidDocuments as e:
+        print(f"lawchat kb {a.action}: refused, nothing written:", file=sys.stderr)
+        for reason in e.reasons:
+            print(f"  {reason}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, ensure_ascii=False))
     return 0
 
 
@@ -119,6 +151,21 @@ def add_commands(sub) -> None:
     s.add_argument("--json", action="store_true", help="a JSON list of {law, article, score, text}")
     s.add_argument("--no-expand", action="store_true", help="plain BM25: no everyday-word -> statute-word expansion")
     s.set_defaults(func=cmd_retrieve)
+
+    s = sub.add_parser("kb", help="add documents to (or delete them from) the retrieval index, live in a running server")
+    kb = s.add_subparsers(dest="action", required=True)
+    for name, help_ in (("add", "add or replace documents from a JSONL file of {id, law, article, text}"),
+                        ("delete", "delete documents by id")):
+        k = kb.add_parser(name, help=help_)
+        if name == "add":
+            k.add_argument("file", help="JSONL: one {\"id\", \"law\", \"article\", \"text\"} object per line")
+        else:
+            k.add_argument("ids", nargs="+")
+        k.add_argument("--server", default=None, help="HOST:PORT of a running lawchat server (AdminService)")
+        k.add_argument("--index", default=None, help="or write an index file directly (no server using it)")
+        k.add_argument("--api-key", default=None, help="a key with the admin scope (default: $LAWCHAT_API_KEY)")
+        k.add_argument("--timeout", type=float, default=60.0)
+        k.set_defaults(func=cmd_kb)
 
     s = sub.add_parser("keys", help="make an API key: the key goes to stderr, the line for the keys file to stdout")
     s.add_argument("action", choices=["new"])

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import sqlite3
 import threading
@@ -228,6 +229,17 @@ def fts_query(terms: list[tuple[str, float]]) -> str:
     return " OR ".join(parts)
 
 
+def recover(index: Path) -> None:
+    """Roll back a write that a crash cut short (AddDocuments killed mid-transaction leaves a hot journal, which
+    read-only connections cannot roll back): one read on a writable connection does it."""
+    if Path(str(index) + "-journal").exists() and os.access(index, os.W_OK):
+        con = sqlite3.connect(index, timeout=30)
+        try:
+            con.execute("SELECT COUNT(*) FROM meta").fetchone()
+        finally:
+            con.close()
+
+
 class Retriever:
     def __init__(self, index_path: str | Path):
         self.path = Path(index_path)
@@ -235,6 +247,8 @@ class Retriever:
             raise FileNotFoundError(f"no retrieval index at {self.path}; build one with `lawchat index`")
         self._local = threading.local()          # one read-only connection per thread (servers search from many)
         self._laws: set[str] | None = None
+        self._laws_version = -1
+        recover(self.path)
         try:
             self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
@@ -257,12 +271,23 @@ class Retriever:
         drop = STOPWORDS | replaced_words(question)     # question words, and everyday words that have statute words
         return [(t, 1.0) for t in words if t not in drop] + expand_terms(question)
 
+    def version(self) -> int:
+        """The index's knowledge version: AddDocuments / DeleteDocuments requests applied (server/knowledge.py)."""
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'kb_version'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+
     @property
     def laws(self) -> set[str]:
         """Every law name in the index (short form), for finding a named law inside a question."""
-        if self._laws is None:
+        version = self.version()
+        if self._laws is None or self._laws_version != version:      # documents added or deleted since
             self._laws = {law for (law,) in self.con.execute("SELECT DISTINCT law FROM articles")}
+            self._laws_version = version
         return self._laws
+
+    def knowledge_status(self) -> tuple[int, int, int]:
+        from .knowledge import status
+        return status(self.con)
 
     def referenced(self, question: str) -> list[Hit]:
         """Articles the question names outright (劳动合同法第三十九条, 《民法典》第1079条), looked up exactly."""

@@ -150,6 +150,19 @@ class LawchatClient:
                               retry=False)
         return to_dict(resp)
 
+    def add_documents(self, documents: list[dict], timeout: float | None = None) -> dict:
+        """AddDocuments: [{"id", "law", "article", "text"}, ...] -> {added, replaced, knowledge}; searchable by the
+        next request. All or nothing: one invalid document raises INVALID_ARGUMENT naming each bad one."""
+        req = admin_pb2.AddDocumentsRequest(documents=[admin_pb2.KnowledgeDocument(**d) for d in documents])
+        resp, _ = self._unary(self._admin.AddDocuments, req, timeout, retry=False)
+        return to_dict(resp, always_print_fields_with_no_presence=True, unquote_int64_if_possible=True)
+
+    def delete_documents(self, ids: list[str], timeout: float | None = None) -> dict:
+        """DeleteDocuments by id -> {deleted, not_found, knowledge}."""
+        resp, _ = self._unary(self._admin.DeleteDocuments, admin_pb2.DeleteDocumentsRequest(ids=ids), timeout,
+                              retry=False)
+        return to_dict(resp, always_print_fields_with_no_presence=True, unquote_int64_if_possible=True)
+
     def drain(self, timeout_seconds: float = 0.0, timeout: float | None = None) -> dict:
         resp, _ = self._unary(self._admin.Drain, admin_pb2.DrainRequest(timeout_seconds=timeout_seconds), timeout,
                               retry=False)

@@ -23,7 +23,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model", "device", "dtype", "uptime_seconds", "requests_in_flight", "requests_waiting", "version", "engine", "model_path", "breaker", "limits", "degraded", "draining", "auth_enabled")
+    __slots__ = ("model", "device", "dtype", "uptime_seconds", "requests_in_flight", "requests_waiting", "version", "engine", "model_path", "breaker", "limits", "degraded", "draining", "auth_enabled", "knowledge")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class GetStatusResponse(_message.Message):
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -52,7 +53,64 @@ class GetStatusResponse(_message.Message):
     degraded: DegradedSwitch
     draining: bool
     auth_enabled: bool
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., version: _Optional[str] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., model_path: _Optional[str] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., degraded: _Optional[_Union[DegradedSwitch, _Mapping]] = ..., draining: _Optional[bool] = ..., auth_enabled: _Optional[bool] = ...) -> None: ...
+    knowledge: KnowledgeStatus
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., version: _Optional[str] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., model_path: _Optional[str] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., degraded: _Optional[_Union[DegradedSwitch, _Mapping]] = ..., draining: _Optional[bool] = ..., auth_enabled: _Optional[bool] = ..., knowledge: _Optional[_Union[KnowledgeStatus, _Mapping]] = ...) -> None: ...
+
+class KnowledgeStatus(_message.Message):
+    __slots__ = ("backend", "version", "articles", "documents")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTICLES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    version: int
+    articles: int
+    documents: int
+    def __init__(self, backend: _Optional[str] = ..., version: _Optional[int] = ..., articles: _Optional[int] = ..., documents: _Optional[int] = ...) -> None: ...
+
+class KnowledgeDocument(_message.Message):
+    __slots__ = ("id", "law", "article", "text")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LAW_FIELD_NUMBER: _ClassVar[int]
+    ARTICLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    law: str
+    article: str
+    text: str
+    def __init__(self, id: _Optional[str] = ..., law: _Optional[str] = ..., article: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class AddDocumentsRequest(_message.Message):
+    __slots__ = ("documents",)
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    documents: _containers.RepeatedCompositeFieldContainer[KnowledgeDocument]
+    def __init__(self, documents: _Optional[_Iterable[_Union[KnowledgeDocument, _Mapping]]] = ...) -> None: ...
+
+class AddDocumentsResponse(_message.Message):
+    __slots__ = ("added", "replaced", "knowledge")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    replaced: int
+    knowledge: KnowledgeStatus
+    def __init__(self, added: _Optional[int] = ..., replaced: _Optional[int] = ..., knowledge: _Optional[_Union[KnowledgeStatus, _Mapping]] = ...) -> None: ...
+
+class DeleteDocumentsRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteDocumentsResponse(_message.Message):
+    __slots__ = ("deleted", "not_found", "knowledge")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    knowledge: KnowledgeStatus
+    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ..., knowledge: _Optional[_Union[KnowledgeStatus, _Mapping]] = ...) -> None: ...
 
 class BreakerStatus(_message.Message):
     __slots__ = ("state", "consecutive_failures", "failure_threshold", "open_remaining_seconds", "last_failure")

@@ -61,6 +61,16 @@ class AdminServiceStub:
                 request_serializer=lawchat_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=lawchat_dot_v1_dot_admin__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.AddDocuments = channel.unary_unary(
+                '/lawchat.v1.AdminService/AddDocuments',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.AddDocumentsRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.AddDocumentsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDocuments = channel.unary_unary(
+                '/lawchat.v1.AdminService/DeleteDocuments',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -107,6 +117,23 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddDocuments(self, request, context):
+        """AddDocuments adds documents (a firm's memos, FAQs, its own articles) to the retrieval index of
+        the running server: searchable by the next request once it returns, durable, all or nothing
+        (one invalid document refuses the request, with a reason per document). A document whose id is
+        already there is replaced. Needs an index built with `lawchat index` (not the OpenSearch backend).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDocuments(self, request, context):
+        """DeleteDocuments removes documents added by AddDocuments, by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +161,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=lawchat_dot_v1_dot_admin__pb2.DrainRequest.FromString,
                     response_serializer=lawchat_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'AddDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDocuments,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.AddDocumentsRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.AddDocumentsResponse.SerializeToString,
+            ),
+            'DeleteDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDocuments,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +310,60 @@ class AdminService:
             '/lawchat.v1.AdminService/Drain',
             lawchat_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
             lawchat_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/AddDocuments',
+            lawchat_dot_v1_dot_admin__pb2.AddDocumentsRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.AddDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/DeleteDocuments',
+            lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
