@@ -61,15 +61,15 @@ def cmd_kb(a) -> int:
                                                                         "articles": change.articles}}
         else:
             import grpc
-            from lawchat_client import LawchatClient
+            from lawchat_client import LawchatClient, LawchatError
             with LawchatClient(a.server, api_key=a.api_key, timeout=a.timeout) as client:
                 try:
                     result = client.add_documents([d.__dict__ for d in docs]) if docs is not None else \
                         client.delete_documents(a.ids)
-                except grpc.RpcError as e:
-                    print(f"lawchat kb {a.action}: {e.code().name}: {e.details()}", file=sys.stderr)
-                    return 2 if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                                             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) else 1
+                except LawchatError as e:       # the request's fault: 2; the server's or the network's: 1
+                    print(f"lawchat kb {a.action}: {e.code.name}: {e.details}", file=sys.stderr)
+                    return 2 if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                                           grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED) else 1
     except InvalidDocuments as e:
         print(f"lawchat kb {a.action}: refused, nothing written:", file=sys.stderr)
         for reason in e.reasons:

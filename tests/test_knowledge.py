@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -198,5 +199,31 @@ def test_kb_cli_adds_through_a_running_server_and_refuses_bad_files(runner, inde
         assert r.returncode == 0 and json.loads(r.stdout)["deleted"] == 1
         r = subprocess.run(kb + ["add", str(good)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "--server" in r.stderr
+        r = subprocess.run(kb + ["delete", "memo-1", "--server", "127.0.0.1:1", "--timeout", "2"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and "UNAVAILABLE" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        srv.stop()
+
+
+def test_the_readme_kb_commands_run(runner, index, tmp_path):
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"\*\*Knowledge added at run time\.\*\*.*?```bash\n(.*?)```", readme, re.S).group(1)
+    lines = [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip()]
+    assert lines[0].startswith("echo ") and [ln.split()[2] for ln in lines[1:]] == ["add", "delete", "add"]
+    srv = serve(runner, index)
+    try:
+        for ln in lines:
+            cmd = ln.replace("localhost:50051", srv.target).replace("runs/laws_index.sqlite", str(tmp_path / "own.sqlite"))
+            cmd = cmd.replace(".venv/bin/", str(BIN) + "/")
+            if "--index" in cmd:
+                shutil.copy(index, tmp_path / "own.sqlite")
+            r = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (cmd, r.stderr)
+            if " add " in cmd and "--server" in cmd:
+                with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
+                    assert cited(c, "被拖欠工资要保留工资条和考勤截图吗？")[0] == ("星河律所劳动备忘录", "第一条")
+        assert Retriever(tmp_path / "own.sqlite").knowledge_status()[2] == 1
     finally:
         srv.stop()
