@@ -46,6 +46,20 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def cmd_ask(a) -> int:
+    from .ask import ask
+    r = ask(a.model, a.question, compare_base=a.compare_base, base=a.base, max_new_tokens=a.max_new_tokens,
+            device=a.device, trust_remote_code=a.trust_remote_code)
+    if a.json:
+        import json
+        print(json.dumps(r.__dict__, ensure_ascii=False))
+    elif r.base_answer is None:
+        print(r.answer)
+    else:
+        print(f"微调后 ({r.model}):\n{r.answer}\n\n微调前 ({r.base}):\n{r.base_answer}")
+    return 0
+
+
 def cmd_convert(a) -> int:
     from .convert import convert
     print(convert(a.src, a.dst))
@@ -121,6 +135,19 @@ def add_commands(sub) -> None:
                    "bfloat16, float16; the merge itself runs in float32")
     add_trust_remote_code(s)
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("ask", help="answer one question with a model dir or a LoRA checkpoint, unmerged "
+                                   "(--compare-base: the base's answer beside it)")
+    s.add_argument("model", help="a model dir, or an adapter dir such as runs/lora/checkpoint-200 (its base is the one "
+                                 "recorded in adapter_config.json)")
+    s.add_argument("question")
+    s.add_argument("--compare-base", action="store_true", help="also answer with the base (the adapter disabled)")
+    s.add_argument("--base", default=None, help="the base model dir (default: recorded in the adapter)")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help="one JSON object: model, answer, base, base_answer")
+    add_trust_remote_code(s)
+    s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("convert", help="a THUDM ChatGLM3 checkpoint -> a native GlmForCausalLM dir (no remote code)")
     s.add_argument("src", help="ChatGLM3 dir: config.json (model_type chatglm), pytorch_model*.bin or safetensors, "
