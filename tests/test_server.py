@@ -213,11 +213,19 @@ def test_serve_bad_arguments_exit_2(tiny_model, args, needle):
     assert needle in r.stderr
 
 
+def read_or_empty(path: Path) -> str:
+    """A /proc file of a thread or process that may exit while it is read (gRPC's threads come and go)."""
+    try:
+        return path.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def engine_child(srv) -> int:
     """pid of the server's engine process (a spawned child; multiprocessing's resource tracker is the other)."""
     pid = srv.proc.pid
-    kids = {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
-    engines = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
+    kids = {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in read_or_empty(t / "children").split()}
+    engines = [k for k in kids if "spawn_main" in read_or_empty(Path(f"/proc/{k}/cmdline"))]
     assert len(engines) == 1, kids
     return engines[0]
 
