@@ -181,7 +181,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     client, parsed, top_k = self._admit(request, context)
                     if top_k:
                         try:
-                            hits = await asyncio.to_thread(self.retriever.search, parsed[0][-1]["content"], top_k)
+                            with m.retrieval_seconds.time():
+                                hits = await asyncio.to_thread(self.retriever.search, parsed[0][-1]["content"], top_k)
                         except RetrievalUnavailable as e:   # a search cluster down: the caller may retry
                             m.retrieval_failures.inc()
                             log.warning("request_id=%s retrieval failed: %s", rid, e)

@@ -83,6 +83,8 @@ def test_added_documents_are_cited_by_the_next_request_and_deleted_ones_are_not(
             assert gone["deleted"] == 1 and gone["not_found"] == ["no-such-id"] and gone["knowledge"]["version"] == 3
             assert ("星河律所劳动备忘录", "第一条") not in cited(c, "星河律所加班费怎么算？")
             assert c.status()["knowledge"]["documents"] == 0
+        searches = srv.app.metrics.registry.get_sample_value("lawchat_retrieval_seconds_count")
+        assert searches == 5 and srv.app.metrics.registry.get_sample_value("lawchat_retrieval_seconds_sum") > 0
     finally:
         srv.stop()
 
