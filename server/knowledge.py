@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +102,22 @@ def _connect(index: Path) -> sqlite3.Connection:
     return con
 
 
+@contextmanager
+def _write(index: str | Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the index: committed when the block ends, rolled back if it raises."""
+    con = _connect(Path(index))
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
 def _bump(con: sqlite3.Connection) -> tuple[int, int]:
     version = int(json.loads((con.execute("SELECT value FROM meta WHERE key = 'kb_version'").fetchone() or ["0"])[0]))
     articles = con.execute("SELECT COUNT(*) FROM articles").fetchone()[0]
@@ -123,11 +141,9 @@ def add_documents(index: str | Path, docs: list[Document]) -> Change:
     from .retrieval import index_tokens
     docs = validate(docs)
     rows = [(d, index_tokens(d.law), index_tokens(d.text)) for d in docs]     # jieba before the write lock
-    con = _connect(Path(index))
-    try:
-        con.execute("BEGIN IMMEDIATE")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with _write(index) as con:
         change = Change()
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for d, law_tokens, tokens in rows:
             change.replaced += _remove(con, d.id)
             cur = con.execute("INSERT INTO articles (law, article, text, source) VALUES (?, ?, ?, ?)",
@@ -137,14 +153,7 @@ def add_documents(index: str | Path, docs: list[Document]) -> Change:
             con.execute("INSERT INTO documents VALUES (?, ?, ?)", (d.id, cur.lastrowid, now))
         change.added = len(rows) - change.replaced
         change.version, change.articles = _bump(con)
-        con.execute("COMMIT")
-        return change
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
+    return change
 
 
 def delete_documents(index: str | Path, ids: list[str]) -> Change:
@@ -152,20 +161,11 @@ def delete_documents(index: str | Path, ids: list[str]) -> Change:
     ids = [i.strip() for i in ids]
     if not ids or not all(ids):
         raise InvalidDocuments(["give one or more non-empty ids"])
-    con = _connect(Path(index))
-    try:
-        con.execute("BEGIN IMMEDIATE")
+    with _write(index) as con:
         missing = tuple(i for i in dict.fromkeys(ids) if not _remove(con, i))
         change = Change(deleted=len(set(ids)) - len(missing), not_found=missing)
         change.version, change.articles = _bump(con)
-        con.execute("COMMIT")
-        return change
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
+    return change
 
 
 def status(con: sqlite3.Connection) -> tuple[int, int, int]:

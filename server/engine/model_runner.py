@@ -255,6 +255,17 @@ class FastRunner(BaseRunner):
         table = torch.tensor(seq.block_table[: -(-n // self.block_size)], dtype=torch.int64)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def _decode_rows(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host inputs of one decode row per sequence -> ((4, B) int64: ids, positions, slots, context lengths;
+        (B, W) int32 block tables). A decoding sequence holds exactly ceil(len / block_size) blocks; shorter rows
+        are padded with block 0."""
+        ctx = [len(s) for s in seqs]
+        host = torch.tensor([[s.last_token for s in seqs], [c - 1 for c in ctx],
+                             [self._slot(s, c - 1) for s, c in zip(seqs, ctx)], ctx], dtype=torch.int64)
+        width = max(-(-c // self.block_size) for c in ctx)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        return host, tables
+
     def _mixed(self, chunks: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
         """Prefill chunks (rows first) and decode rows (one per sequence, after them) in one forward pass."""
         ids: list[int] = []
@@ -262,43 +273,35 @@ class FastRunner(BaseRunner):
         slots: list[int] = []
         rows: list[int] = []
         sampled: list[Sequence] = []
-        bounds: list[tuple[int, int, int, int]] = []
-        kv_parts: list[torch.Tensor] = []
+        bounds: list[tuple[int, int, int, int]] = []       # (q_start, q_len, k_start, k_len) per chunk
+        any_context = any(seq.num_computed for seq, _ in chunks)
+        kv_parts: list[torch.Tensor] = []                  # only when some chunk continues cached context
         k_total = 0
         for seq, n in chunks:
             start = seq.num_computed
-            q_start = len(ids)
+            bounds.append((len(ids), n, k_total, start + n))
+            k_total += start + n
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
-            chunk_slots = [self._slot(seq, p) for p in range(start, start + n)]
-            slots += chunk_slots
-            if start:
-                kv_parts.append(self._context_slots(seq, start))
-            kv_parts.append(torch.tensor(chunk_slots, dtype=torch.int64))
-            bounds.append((q_start, n, k_total, start + n))
-            k_total += start + n
+            if any_context:
+                kv_parts.append(self._context_slots(seq, start + n))
+            slots += [self._slot(seq, p) for p in range(start, start + n)]
             if start + n == len(seq):
                 rows.append(len(ids) - 1)
                 sampled.append(seq)
         n_prefill = len(ids)
-        cu = torch.tensor([[b[0] for b in bounds] + [n_prefill], [b[2] for b in bounds] + [k_total]],
-                          dtype=torch.int32)
-        any_context = any(seq.num_computed for seq, _ in chunks)
+        cu = self.to_device(torch.tensor([[b[0] for b in bounds] + [n_prefill], [b[2] for b in bounds] + [k_total]],
+                                         dtype=torch.int32))
         kv_slots = self.to_device(torch.cat(kv_parts)) if any_context else None
-        cu = self.to_device(cu)
         pb = PrefillBatch(cu[0], cu[1], max(b[1] for b in bounds), max(b[3] for b in bounds), kv_slots, bounds)
+        host = torch.tensor([ids, pos, slots], dtype=torch.int64)
         tables = ctx_lens = None
         if decode:
-            ctx = [len(s) for s in decode]
+            dec, tables = self._decode_rows(decode)
             rows += range(n_prefill, n_prefill + len(decode))
-            ids += [s.last_token for s in decode]
-            pos += [c - 1 for c in ctx]
-            slots += [self._slot(s, c - 1) for s, c in zip(decode, ctx)]
-            width = max(len(s.block_table) for s in decode)
-            tables = self.to_device(torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode],
-                                                 dtype=torch.int32))
-            ctx_lens = self.to_device(torch.tensor(ctx, dtype=torch.int32))
-        host = self.to_device(torch.tensor([ids, pos, slots], dtype=torch.int64))
+            host = torch.cat([host, dec[:3]], dim=1)
+            tables, ctx_lens = self.to_device(tables), self.to_device(dec[3].to(torch.int32))
+        host = self.to_device(host)
         if decode:
             self._fill_pending(host[0, n_prefill:], self._pending_ids(decode))
         meta = AttentionMetadata(slot_mapping=host[2], prefill=pb, num_prefill_tokens=n_prefill, block_tables=tables,
@@ -310,13 +313,7 @@ class FastRunner(BaseRunner):
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         b = len(seqs)
-        bs = self.block_size
-        ctx = [len(s) for s in seqs]
-        host = torch.tensor([[s.last_token for s in seqs], [c - 1 for c in ctx],
-                             [self._slot(s, c - 1) for s, c in zip(seqs, ctx)], ctx], dtype=torch.int64)
-        width = max(-(-c // bs) for c in ctx)
-        # a decoding sequence holds exactly ceil(len / block_size) blocks; shorter rows are padded with block 0
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        host, tables = self._decode_rows(seqs)
         bucket = next((g for g in self.graph_batch_sizes if g >= b), None)
         pending = self._pending_ids(seqs)
         if bucket is None:   # eager: CPU, or a batch above the largest graph
