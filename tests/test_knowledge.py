@@ -22,10 +22,11 @@ from faults import InProcessServer
 from lawchat_server.config import ServerConfig
 from lawchat_server.engine.model_runner import load_runner
 from lawchat_server.knowledge import Document, add_documents
-from lawchat_server.retrieval import RetrievalConfig, Retriever, build_index
+from lawchat_server.retrieval import REFERENCE_SCORE, RetrievalConfig, Retriever, build_index
 from test_retrieval import laws_db  # noqa: F401  (the laws.db-format fixture)
 
-MEMO = {"id": "memo-1", "law": "星河律所劳动备忘录", "article": "第一条",
+LAW = "星河律所劳动用工规定"     # ends like a law name (规定): a question can name it outright
+MEMO = {"id": "memo-1", "law": LAW, "article": "第一条",
         "text": "星河律所建议：被拖欠工资的员工先保留工资条和考勤截图，再向劳动监察大队投诉。"}
 QUESTION = "星河律所说工资条和考勤截图要保留吗？"
 
@@ -69,22 +70,24 @@ def test_added_documents_are_cited_by_the_next_request_and_deleted_ones_are_not(
         with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
             before = c.status()["knowledge"]
             assert before["backend"] == "sqlite" and before["version"] == 0 and before["documents"] == 0
-            assert ("星河律所劳动备忘录", "第一条") not in cited(c)
+            assert (LAW, "第一条") not in cited(c)
+            assert cited(c, "劳动合同法第三十条是怎么规定的？")[0] == ("劳动合同法", "第三十条")   # law names now cached
             r = c.add_documents([MEMO])
             assert r["added"] == 1 and r["replaced"] == 0 and r["knowledge"]["version"] == 1
             assert r["knowledge"]["articles"] == before["articles"] + 1 and r["knowledge"]["documents"] == 1
-            assert cited(c)[0] == ("星河律所劳动备忘录", "第一条")                     # BM25 finds it at once
-            assert cited(c, "星河律所劳动备忘录第一条是怎么说的？")[0] == ("星河律所劳动备忘录", "第一条")  # named
+            assert cited(c)[0] == (LAW, "第一条")                     # BM25 finds it at once
+            named = citations(c, "星河律所劳动用工规定第一条是怎么说的？")[0]          # exact lookup by its name
+            assert (named["law"], named["article"], named["score"]) == (LAW, "第一条", REFERENCE_SCORE)
             again = c.add_documents([{**MEMO, "text": "星河律所：加班费按工资的百分之一百五十计算。"}])
             assert again["added"] == 0 and again["replaced"] == 1 and again["knowledge"]["articles"] == r["knowledge"]["articles"]
-            memo = [x for x in citations(c) if x["law"] == "星河律所劳动备忘录"]
+            memo = [x for x in citations(c) if x["law"] == LAW]
             assert len(memo) == 1 and "加班费" in memo[0]["snippet"] and "考勤" not in memo[0]["snippet"]  # replaced
             gone = c.delete_documents(["memo-1", "no-such-id"])
             assert gone["deleted"] == 1 and gone["not_found"] == ["no-such-id"] and gone["knowledge"]["version"] == 3
-            assert ("星河律所劳动备忘录", "第一条") not in cited(c, "星河律所加班费怎么算？")
+            assert (LAW, "第一条") not in cited(c, "星河律所加班费怎么算？")
             assert c.status()["knowledge"]["documents"] == 0
         searches = srv.app.metrics.registry.get_sample_value("lawchat_retrieval_seconds_count")
-        assert searches == 5 and srv.app.metrics.registry.get_sample_value("lawchat_retrieval_seconds_sum") > 0
+        assert searches == 6 and srv.app.metrics.registry.get_sample_value("lawchat_retrieval_seconds_sum") > 0
     finally:
         srv.stop()
 
@@ -101,7 +104,7 @@ def test_invalid_documents_are_refused_with_reasons_and_nothing_is_added(runner,
             for reason in ("document 2: text is empty", "document 3: id 'memo-1' given twice",
                            "document 4: id longer than 200 characters"):
                 assert reason in e.value.details
-            assert c.status()["knowledge"]["version"] == version and ("星河律所劳动备忘录", "第一条") not in cited(c)
+            assert c.status()["knowledge"]["version"] == version and (LAW, "第一条") not in cited(c)
             with pytest.raises(LawchatError) as e:
                 c.add_documents([])
             assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -134,7 +137,7 @@ def test_documents_survive_a_restart(runner, index):
     srv = serve(runner, index)
     try:
         with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
-            assert c.status()["knowledge"]["version"] == 1 and cited(c)[0] == ("星河律所劳动备忘录", "第一条")
+            assert c.status()["knowledge"]["version"] == 1 and cited(c)[0] == (LAW, "第一条")
     finally:
         srv.stop()
 
@@ -155,7 +158,7 @@ KILLED_WRITER = textwrap.dedent("""
         time.sleep(60)
         return out
     knowledge._bump = stall
-    add_documents(sys.argv[1], [Document(f"bulk-{i}", "星河律所劳动备忘录", f"第{i}条", f"星河律所批量条目{i}" * 20)
+    add_documents(sys.argv[1], [Document(f"bulk-{i}", "星河律所劳动用工规定", f"第{i}条", f"星河律所批量条目{i}" * 20)
                                 for i in range(1000)])
 """)
 
@@ -170,13 +173,13 @@ def test_a_writer_killed_mid_add_leaves_the_index_as_it_was(runner, index):
         proc.wait(30)
     ret = Retriever(index)                                        # opening it rolls the cut-short write back
     assert ret.knowledge_status()[0] == 0 and ret.knowledge_status()[2] == 0
-    assert "星河律所劳动备忘录" not in ret.laws
+    assert LAW not in ret.laws
     assert sqlite3.connect(index).execute("PRAGMA integrity_check").fetchone() == ("ok",)
     add_documents(index, [Document(**MEMO)])                      # and the index takes writes again
     srv = serve(runner, index)
     try:
         with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
-            assert cited(c)[0] == ("星河律所劳动备忘录", "第一条") and c.status()["knowledge"]["version"] == 1
+            assert cited(c)[0] == (LAW, "第一条") and c.status()["knowledge"]["version"] == 1
     finally:
         srv.stop()
 
@@ -195,7 +198,7 @@ def test_kb_cli_adds_through_a_running_server_and_refuses_bad_files(runner, inde
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["added"] == 1
         with LawchatClient(srv.target, timeout=60, retry=NO_RETRY) as c:
-            assert cited(c)[0] == ("星河律所劳动备忘录", "第一条")
+            assert cited(c)[0] == (LAW, "第一条")
         r = subprocess.run(kb + ["delete", "memo-1", "--server", srv.target], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 0 and json.loads(r.stdout)["deleted"] == 1
