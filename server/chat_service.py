@@ -63,6 +63,9 @@ def usage_of(chunk: Chunk) -> chat_pb2.Usage:
     return chat_pb2.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
 
 
+CONTEXT_SLACK = 8      # tokens for the "问题：" joiner around the articles, which with_context does not count
+
+
 def citations_of(hits: list[Hit]) -> list[chat_pb2.Citation]:
     return [chat_pb2.Citation(law=h.law, article=h.article, snippet=h.text[:SNIPPET_CHARS], score=h.score)
             for h in hits]
@@ -110,11 +113,14 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         return top_k
 
     def _build_request(self, engine, hits, messages, sampling, max_new, stops, ignore_eos) -> GenerationRequest:
-        if hits:
-            messages = with_context(messages, [(h.heading, h.text) for h in hits], engine.tokenizer,
-                                    self.cfg.retrieval.max_context_tokens)
         try:
             prompt_ids = engine.encode_chat(messages)
+            if hits:   # the articles take what the model has room for beside the question, up to max_context_tokens
+                budget = min(self.cfg.retrieval.max_context_tokens, engine.max_len - 1 - len(prompt_ids) - CONTEXT_SLACK)
+                with_articles = engine.encode_chat(with_context(messages, [(h.heading, h.text) for h in hits],
+                                                                engine.tokenizer, budget))
+                if len(with_articles) < engine.max_len:
+                    prompt_ids = with_articles
         except PromptError as e:
             raise InvalidRequest(str(e)) from None
         room = engine.max_len - len(prompt_ids)

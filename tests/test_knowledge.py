@@ -232,3 +232,42 @@ def test_the_readme_kb_commands_run(runner, index, tmp_path):
         assert Retriever(tmp_path / "own.sqlite").knowledge_status()[2] == 1
     finally:
         srv.stop()
+
+
+def test_documents_at_their_limits_while_streams_run_beside_them(runner, index):
+    """Every field at its boundary (and one past it), a request past the transport's cap, while ordinary retrieval
+    streams run: the limits hold exactly and no stream is hurt."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lawchat_server.knowledge import MAX_DOCUMENTS, MAX_NAME_CHARS, MAX_TEXT_CHARS
+    srv = serve(runner, index)
+    try:
+        def stream(i: int) -> str:
+            with LawchatClient(srv.target, timeout=120, retry=NO_RETRY) as c:
+                s = c.chat_stream(f"公司拖欠工资{i}个月怎么办？", max_new_tokens=16, ignore_eos=True, retrieval=True)
+                "".join(s)
+                return s.finish_reason
+
+        with ThreadPoolExecutor(4) as pool, LawchatClient(srv.target, timeout=120, retry=NO_RETRY) as c:
+            streams = [pool.submit(stream, i) for i in range(8)]
+            edge = {"id": "i" * MAX_NAME_CHARS, "law": "律" * MAX_NAME_CHARS, "article": "条" * MAX_NAME_CHARS,
+                    "text": "工资" * (MAX_TEXT_CHARS // 2)}
+            assert c.add_documents([edge])["added"] == 1
+            for field, value in (("id", "i" * (MAX_NAME_CHARS + 1)), ("text", "x" * (MAX_TEXT_CHARS + 1)),
+                                 ("law", "律\x00所")):
+                with pytest.raises(LawchatError) as e:
+                    c.add_documents([{**edge, field: value}])
+                assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "document 1" in e.value.details
+            many = [{"id": f"faq-{i}", "law": LAW, "article": f"问答{i}", "text": f"问答{i}"} for i in range(MAX_DOCUMENTS)]
+            assert c.add_documents(many)["added"] == MAX_DOCUMENTS
+            with pytest.raises(LawchatError) as e:
+                c.add_documents(many + [{**many[0], "id": "one-more"}])
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and f"at most {MAX_DOCUMENTS}" in e.value.details
+            huge = [{**edge, "id": f"huge-{i}", "text": "字" * MAX_TEXT_CHARS} for i in range(200)]    # ~12 MB
+            with pytest.raises(LawchatError) as e:
+                c.add_documents(huge)
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert c.status()["knowledge"]["documents"] == 1 + MAX_DOCUMENTS
+            assert [f.result() for f in streams] == ["max_tokens"] * 8
+    finally:
+        srv.stop()
