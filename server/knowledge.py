@@ -161,6 +161,8 @@ def delete_documents(index: str | Path, ids: list[str]) -> Change:
     ids = [i.strip() for i in ids]
     if not ids or not all(ids):
         raise InvalidDocuments(["give one or more non-empty ids"])
+    if len(ids) > MAX_DOCUMENTS:
+        raise InvalidDocuments([f"{len(ids)} ids: at most {MAX_DOCUMENTS} per request"])
     with _write(index) as con:
         missing = tuple(i for i in dict.fromkeys(ids) if not _remove(con, i))
         change = Change(deleted=len(set(ids)) - len(missing), not_found=missing)

@@ -267,6 +267,9 @@ def test_documents_at_their_limits_while_streams_run_beside_them(runner, index):
             with pytest.raises(LawchatError) as e:
                 c.add_documents(huge)
             assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(LawchatError) as e:
+                c.delete_documents([f"faq-{i}" for i in range(MAX_DOCUMENTS + 1)])
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and f"at most {MAX_DOCUMENTS}" in e.value.details
             assert c.status()["knowledge"]["documents"] == 1 + MAX_DOCUMENTS
             assert [f.result() for f in streams] == ["max_tokens"] * 8
     finally:
