@@ -1,5 +1,5 @@
-"""admin_service: lawchat.v1.AdminService — status, the degraded switch, limits, model reload, drain, and
-documents added to (or deleted from) the retrieval index at run time."""
+"""admin_service: lawchat.v1.AdminService — status, the degraded switch, limits, model reload, drain, documents
+added to (or deleted from) the retrieval index at run time, and LoRA adapters loaded or unloaded at run time."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,8 @@ from lawchat.v1 import admin_pb2, admin_pb2_grpc
 
 from . import __version__
 from .breaker import Breaker
+from .engine.engine import EngineClosed
+from .engine.lora import BASE, NAME_RE, AdapterError
 from .engine_slot import EngineSlot, ReloadError
 from .knowledge import Document, InvalidDocuments, add_documents, delete_documents
 from .limiter import Limiter, LimitsConfig, Rate
@@ -21,6 +23,12 @@ BREAKER_STATES = {"closed": admin_pb2.BREAKER_STATE_CLOSED, "open": admin_pb2.BR
                   "half_open": admin_pb2.BREAKER_STATE_HALF_OPEN}
 RELOAD_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "busy": grpc.StatusCode.ABORTED,
                 "failed": grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def adapter_message(info: dict) -> admin_pb2.Adapter:
+    return admin_pb2.Adapter(name=info["name"], path=info["path"], rank=info["rank"],
+                             target_modules=info["target_modules"], on_device=info["on_device"],
+                             requests=info["requests"], running=info["running"])
 
 
 def limits_message(cfg: LimitsConfig) -> admin_pb2.Limits:
@@ -65,6 +73,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         resp.model, resp.model_path = self.slot.model_path.name, str(self.slot.model_path)
         resp.device, resp.dtype = str(e.device), str(e.dtype).removeprefix("torch.")
         resp.requests_in_flight, resp.requests_waiting = st.running, st.waiting
+        resp.adapters.extend(adapter_message(a) for a in st.adapters)
         return resp
 
     async def SetDegraded(self, request, context) -> admin_pb2.SetDegradedResponse:
@@ -144,3 +153,44 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                     len(change.not_found), change.version)
         return admin_pb2.DeleteDocumentsResponse(deleted=change.deleted, not_found=change.not_found,
                                                  knowledge=await asyncio.to_thread(self._knowledge))
+
+    # -- adapters ----------------------------------------------------------------------------------
+    async def _engine(self, context):
+        engine = self.slot.engine
+        if engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        return engine
+
+    async def _adapter_call(self, context, fn, *args):
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except AdapterError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except EngineClosed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; retry shortly")
+
+    async def LoadAdapter(self, request, context) -> admin_pb2.LoadAdapterResponse:
+        if not NAME_RE.match(request.name) or request.name == BASE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"name: 1-64 letters, digits, '.', '_' or '-' "
+                                f"(not {BASE!r}), got {request.name[:80]!r}")
+        if not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: an adapter directory on the server's disk")
+        engine = await self._engine(context)
+        t0 = time.perf_counter()
+        info = await self._adapter_call(context, engine.load_adapter, request.name, request.path)
+        seconds = time.perf_counter() - t0
+        log.warning("adapter %r loaded from %s (rank %d, %s) in %.2f s", info["name"], info["path"], info["rank"],
+                    ",".join(info["target_modules"]), seconds)
+        return admin_pb2.LoadAdapterResponse(adapter=adapter_message(info), load_seconds=seconds)
+
+    async def UnloadAdapter(self, request, context) -> admin_pb2.UnloadAdapterResponse:
+        engine = await self._engine(context)
+        if not await self._adapter_call(context, engine.unload_adapter, request.name):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no adapter {request.name[:80]!r} is served")
+        log.warning("adapter %r unloaded", request.name)
+        return admin_pb2.UnloadAdapterResponse(name=request.name)
+
+    async def ListAdapters(self, request, context) -> admin_pb2.ListAdaptersResponse:
+        engine = await self._engine(context)
+        infos = await self._adapter_call(context, engine.list_adapters)
+        return admin_pb2.ListAdaptersResponse(adapters=[adapter_message(a) for a in infos])

@@ -21,7 +21,7 @@ from .breaker import Breaker, EngineFailure
 from .config import ServerConfig
 from .degraded import canned_deltas, proxy_can_retry
 from .engine.engine import (EOS, MAX_TOKENS, STOP_SEQUENCE, Chunk, EngineClosed, EngineOverloaded, EngineStalled,
-                            GenerationRequest, InvalidGeneration, StepFailed)
+                            GenerationRequest, InvalidGeneration, StepFailed, UnknownAdapter)
 from .engine_slot import EngineSlot
 from .limiter import Limiter
 from .metrics import Metrics
@@ -112,7 +112,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                           "retrieval is not configured on this server (retrieval.index or retrieval.opensearch.url)")
         return top_k
 
-    def _build_request(self, engine, hits, messages, sampling, max_new, stops, ignore_eos) -> GenerationRequest:
+    def _build_request(self, engine, hits, messages, sampling, max_new, stops, ignore_eos,
+                       adapter) -> GenerationRequest:
         try:
             prompt_ids = engine.encode_chat(messages)
             if hits:   # the articles take what the model has room for beside the question, up to max_context_tokens
@@ -127,7 +128,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model takes at most "
                                  f"{engine.max_len - 1}")
-        return GenerationRequest(prompt_ids, sampling, min(max_new, room), stops, ignore_eos=ignore_eos)
+        return GenerationRequest(prompt_ids, sampling, min(max_new, room), stops, ignore_eos=ignore_eos,
+                                 adapter=adapter or None)
 
     def _verdict(self, engine, context):
         """A breaker ticket to use the engine, or the reason for the canned answer. A replica that cannot use
@@ -149,7 +151,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         if self.slot.engine is None:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         parsed = (parse_messages(request, self.defaults), parse_sampling(request, self.defaults),
-                  *parse_stopping(request, self.defaults), request.stopping.ignore_eos)
+                  *parse_stopping(request, self.defaults), request.stopping.ignore_eos, request.adapter)
         top_k = self._retrieval_of(request)
         client = client_id(context, self.keys, self.trusted_proxies)
         decision = self.limiter.admit(client)
@@ -225,6 +227,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 except (Refused, InvalidRequest, InvalidGeneration, EngineOverloaded) as e:
                     if isinstance(e, Refused):
                         status, ms = e.code, e.retry_after_ms
+                    elif isinstance(e, UnknownAdapter):
+                        status, ms = grpc.StatusCode.NOT_FOUND, None
                     elif isinstance(e, (InvalidRequest, InvalidGeneration)):
                         status, ms = grpc.StatusCode.INVALID_ARGUMENT, None
                     else:

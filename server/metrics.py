@@ -91,3 +91,17 @@ class EngineCollector:
         yield CounterMetricFamily("lawchat_preemptions", "Sequences preempted (KV cache full) to be recomputed.",
                                   value=st.preemptions)
         yield CounterMetricFamily("lawchat_engine_steps", "Engine steps (one forward pass each).", value=st.steps)
+        if st.adapters:   # one label value per adapter served (names come from the operator, never from a request)
+            requests = CounterMetricFamily("lawchat_adapter_requests", "Requests that asked for each LoRA adapter "
+                                           "since it was loaded.", labels=["adapter"])
+            running = GaugeMetricFamily("lawchat_adapter_running", "Sequences generating on each LoRA adapter.",
+                                        labels=["adapter"])
+            on_device = GaugeMetricFamily("lawchat_adapter_on_device", "1 while the adapter holds an engine slot.",
+                                          labels=["adapter"])
+            for a in st.adapters:
+                requests.add_metric([a["name"]], a["requests"])
+                running.add_metric([a["name"]], a["running"])
+                on_device.add_metric([a["name"]], float(a["on_device"]))
+            yield requests
+            yield running
+            yield on_device

@@ -5,7 +5,8 @@ registered under a hash chained over every token before it, so a later prompt wi
 prompt, a repeated conversation) reuses the block instead of recomputing it. The hash is keyed BLAKE2b (a
 secret key per process) over the parent block's digest and the block's token ids: Python's `hash()` of a tuple
 can be made to collide, and a collision would hand one user's cached prefix to another (vLLM's
-CVE-2025-25183). Freed blocks keep their hash
+CVE-2025-25183). A sequence on a LoRA adapter salts its chain with the adapter's load id: the same tokens under
+another adapter (or another load of it) have other K/V and never share blocks. Freed blocks keep their hash
 and content until they are handed out again (least recently freed first), so a prefix survives its request.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ class BlockManager:
         """
         if not self.prefix_caching or seq.block_table:
             return 0
-        bs, prev, hits = self.block_size, None, 0
+        bs, prev, hits = self.block_size, seq.cache_salt, 0
         limit = (len(seq) - 1) // bs
         for i in range(limit):
             ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -94,7 +95,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
             prev, hits = h, hits + bs
-        seq.hashed_blocks, seq.last_hash = hits // bs, prev
+        seq.hashed_blocks, seq.last_hash = hits // bs, prev if hits else None
         seq.num_computed = hits
         return hits
 
@@ -121,7 +122,8 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-                block.hash, block.token_ids = chain_hash(seq.last_hash, ids), ids
+                parent = seq.last_hash if i else seq.cache_salt
+                block.hash, block.token_ids = chain_hash(parent, ids), ids
                 self.by_hash.setdefault(block.hash, block.block_id)
             seq.last_hash = block.hash
             seq.hashed_blocks = i + 1

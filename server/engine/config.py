@@ -1,7 +1,7 @@
 """config: engine settings (the `engine:` section of configs/server.yaml)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -26,6 +26,16 @@ class EngineConfig:
     warmup: str = "auto"                    # before serving: full (a burst through the engine: prefill chunk sizes,
                                             # mixed steps, every sampling path, stop strings), minimal (one short
                                             # greedy request), auto (full on CUDA, minimal elsewhere)
+    adapters: dict[str, str] = field(default_factory=dict)   # LoRA adapters served unmerged over the model:
+                                            # name -> PEFT adapter dir (`lawchat serve --adapter NAME=DIR`)
+    default_adapter: str | None = None      # the adapter of requests that name none (null: the base model)
+    max_loras: int | None = None            # GPU slots for adapters used at once (null: 4 when adapters are
+                                            # configured, else 0 = no adapters, LoadAdapter refused)
+    max_lora_rank: int = 16                 # the largest rank served (sizes the slots)
+
+    @property
+    def lora_slots(self) -> int:
+        return self.max_loras if self.max_loras is not None else (4 if self.adapters else 0)
 
     def validate(self) -> None:
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1 or self.max_waiting < 0:
@@ -38,5 +48,14 @@ class EngineConfig:
             raise ValueError(f"engine.max_model_len must be >= 2 or null, got {self.max_model_len}")
         if self.warmup not in ("auto", "full", "minimal"):
             raise ValueError(f"engine.warmup must be auto, full or minimal, got {self.warmup!r}")
+        if self.lora_slots < 0 or self.max_lora_rank < 1:
+            raise ValueError("engine: max_loras must be >= 0 and max_lora_rank >= 1")
+        if not isinstance(self.adapters, dict):
+            raise ValueError("engine.adapters must map adapter names to PEFT adapter directories")
+        if self.adapters and self.lora_slots == 0:
+            raise ValueError("engine.adapters are configured but engine.max_loras is 0")
+        if self.default_adapter is not None and self.default_adapter not in self.adapters:
+            raise ValueError(f"engine.default_adapter {self.default_adapter!r} is not one of engine.adapters "
+                             f"({', '.join(self.adapters) or 'none'})")
         if self.attention not in ("auto", "triton", "torch"):
             raise ValueError(f"engine.attention must be auto, triton or torch, got {self.attention!r}")

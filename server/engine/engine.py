@@ -14,6 +14,7 @@ Three parties, each on its own thread:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import random
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import make_detokenizer
+from .lora import BASE, AdapterError, AdapterSlots, read_adapter
 from .sampler import SamplingParams
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, Status
@@ -58,6 +60,13 @@ class InvalidGeneration(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class UnknownAdapter(InvalidGeneration):
+    """The request names an adapter this server does not serve (NOT_FOUND)."""
+
+    def __init__(self, message: str):
+        super().__init__("adapter", message)
 
 
 class StepFailed(Exception):
@@ -105,6 +114,8 @@ def check_request(request: "GenerationRequest", max_len: int, vocab_size: int) -
         raise InvalidGeneration("stop_sequences", "must be a list of non-empty strings")
     if not isinstance(request.ignore_eos, bool):
         raise InvalidGeneration("ignore_eos", f"must be a bool, got {request.ignore_eos!r}")
+    if request.adapter is not None and not (isinstance(request.adapter, str) and len(request.adapter) <= 64):
+        raise InvalidGeneration("adapter", f"must be an adapter name of at most 64 characters, got {request.adapter!r}")
 
 
 @dataclass
@@ -114,6 +125,7 @@ class GenerationRequest:
     max_new_tokens: int
     stop_sequences: list[str] = field(default_factory=list)
     ignore_eos: bool = False          # benchmarks: generate exactly max_new_tokens
+    adapter: str | None = None        # a LoRA adapter's name; None: the engine's default_adapter; "base": none
 
 
 @dataclass
@@ -137,6 +149,7 @@ class EngineStats:
     prefix_cache_hits: int
     preemptions: int
     steps: int
+    adapters: list = field(default_factory=list)   # lora.Adapter.info() of each adapter served
 
 
 class _LaunchFailed(Exception):
@@ -212,7 +225,12 @@ class Engine:
         self.runner = runner
         self.config = config or runner.config
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, runner.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_prefill_tokens)
+        self.adapters = AdapterSlots(runner.lora) if getattr(runner, "lora", None) is not None else None
+        for name, path in self.config.adapters.items():    # before the loop runs: no queue needed
+            self.adapters.register(self._read_adapter(name, path))
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_prefill_tokens,
+                                   self.adapters)
+        self._admin: list[tuple] = []          # (fn, future): adapter changes, run by the engine thread
         self.max_waiting = self.config.max_waiting
         self._cond = threading.Condition()
         self._inbox: list[_Job] = []
@@ -258,7 +276,60 @@ class Engine:
     def stats(self) -> EngineStats:
         bm = self.blocks
         return EngineStats(self.running, self.waiting, self._batch_size, bm.num_used, bm.num_total,
-                           bm.prefix_queries, bm.prefix_hits, self.scheduler.preemptions, self._steps)
+                           bm.prefix_queries, bm.prefix_hits, self.scheduler.preemptions, self._steps,
+                           self.adapters.infos() if self.adapters is not None else [])
+
+    # -- adapters (AdminService) ---------------------------------------------------------------------
+    def _read_adapter(self, name: str, path: str):
+        if self.adapters is None:
+            raise AdapterError("this server serves no adapters: start it with engine.max_loras > 0 (or with "
+                               "--adapter NAME=DIR)")
+        return read_adapter(name, path, self.adapters.pool.shape, self.runner.dtype)
+
+    def _in_loop(self, fn):
+        """fn() on the engine thread between two steps (it owns the adapter slots); -> its result."""
+        if not self._thread.is_alive():
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            self._admin.append((fn, fut))
+            self._cond.notify()
+        return fut.result()
+
+    def load_adapter(self, name: str, path: str) -> dict:
+        """Read a PEFT adapter dir and serve it under name from the next request (replacing one of that name; its
+        running streams finish on the old weights). Streams in flight are not paused: the file is read on the
+        caller's thread, the engine thread only swaps the entry. -> its info; AdapterError when it does not fit."""
+        adapter = self._read_adapter(name, path)
+        self._in_loop(lambda: self.adapters.register(adapter))
+        self.config.adapters[name] = str(path)
+        return adapter.info()
+
+    def unload_adapter(self, name: str) -> bool:
+        """Stop serving name to new requests (running ones finish on it); -> False when it was not served."""
+        if self.adapters is None:
+            return False
+        gone = self._in_loop(lambda: self.adapters.unregister(name)) is not None
+        self.config.adapters.pop(name, None)
+        if self.config.default_adapter == name:
+            self.config.default_adapter = None
+        return gone
+
+    def list_adapters(self) -> list[dict]:
+        return self.adapters.infos() if self.adapters is not None else []
+
+    def _adapter_of(self, name: str | None):
+        name = self.config.default_adapter if name is None else name
+        if name is None or name == BASE:
+            return None
+        adapter = self.adapters.get(name) if self.adapters is not None else None
+        if adapter is None:
+            served = ", ".join(a["name"] for a in self.list_adapters())
+            raise UnknownAdapter(f"no adapter {name!r} on this server (served: {served or 'none'}; {BASE!r} is the "
+                                 "base model)")
+        return adapter
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -327,7 +398,8 @@ class Engine:
         Refuses what a step could choke on (InvalidGeneration): no caller is trusted to have checked."""
         check_request(request, self.max_len, self.runner.vocab_size)
         seed = fold_seed(request.sampling.seed) if request.sampling.seed is not None else random.getrandbits(63)
-        seq = Sequence(request.prompt_ids, request.sampling, request.max_new_tokens, seed, request.ignore_eos)
+        seq = Sequence(request.prompt_ids, request.sampling, request.max_new_tokens, seed, request.ignore_eos,
+                       self._adapter_of(request.adapter))
         job = _Job(seq, request, self.tokenizer, sink, tag)
         with self._cond:
             if self._closed:
@@ -364,13 +436,22 @@ class Engine:
         in_flight = None                       # (step, handle, slots) launched and not yet finished (overlap)
         while True:
             with self._cond:
-                while not self._closed and not self._inbox and not sched.has_work() and in_flight is None:
+                while (not self._closed and not self._inbox and not self._admin and not sched.has_work()
+                       and in_flight is None):
                     self._cond.wait()
                 if self._closed:
                     break
                 new, self._inbox = self._inbox, []
+                admin, self._admin = self._admin, []
+            for fn, fut in admin:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:
+                    fut.set_exception(e)
             for job in new:
                 self._jobs[job.seq.seq_id] = job
+                if job.seq.adapter is not None:
+                    job.seq.adapter.requests += 1
                 sched.add(job.seq)
             t0 = time.perf_counter()
             self._drop_aborted()
@@ -410,6 +491,9 @@ class Engine:
             self._finish(*in_flight)
         with self._cond:
             inbox, self._inbox = self._inbox, []
+            admin, self._admin = self._admin, []
+        for _, fut in admin:
+            fut.set_exception(EngineClosed("the server is shutting down"))
         self._fail(list(sched.running) + list(sched.waiting), EngineClosed("the server is shutting down"), inbox)
         log.info("engine: %d steps (overlap %s); thread time schedule %.2f s, launch %.2f s, wait for ids %.2f s, "
                  "finish (incl. wait) %.2f s", self._steps, self.overlap, *self.timing.values())

@@ -11,6 +11,7 @@ detokenizer, and sends each step's text deltas back in one message.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import multiprocessing as mp
@@ -24,16 +25,21 @@ from pathlib import Path
 from ..prompt import encode_prompt
 from .config import EngineConfig
 from .engine import (Chunk, EngineClosed, EngineOverloaded, EngineStats, GenerationRequest, InvalidGeneration,
-                     StepFailed, _put_all, read_chunks)
+                     StepFailed, UnknownAdapter, _put_all, read_chunks)
+from .lora import AdapterError
 
 log = logging.getLogger("lawchat.engine")
 
 STATS_INTERVAL_S = 0.5
-ERRORS = {"EngineClosed": EngineClosed, "EngineOverloaded": EngineOverloaded, "ValueError": ValueError}
+ERRORS = {"EngineClosed": EngineClosed, "EngineOverloaded": EngineOverloaded, "ValueError": ValueError,
+          "AdapterError": AdapterError}
+ADMIN_OPS = ("load_adapter", "unload_adapter", "list_adapters")     # Engine methods the server may call
 
 
 def error_to_tuple(e: BaseException) -> tuple:
     """An engine error as it crosses the pipe: (type name, message, details)."""
+    if isinstance(e, UnknownAdapter):
+        return ("UnknownAdapter", str(e), None)
     if isinstance(e, InvalidGeneration):
         return ("InvalidGeneration", str(e), e.field)
     if isinstance(e, StepFailed):
@@ -42,8 +48,8 @@ def error_to_tuple(e: BaseException) -> tuple:
 
 
 def error_from_tuple(name: str, message: str, details) -> BaseException:
-    if name == "InvalidGeneration":
-        e = InvalidGeneration(details, "")
+    if name in ("InvalidGeneration", "UnknownAdapter"):
+        e = InvalidGeneration(details, "") if name == "InvalidGeneration" else UnknownAdapter("")
         e.args = (message,)
         return e
     if name == "StepFailed":
@@ -136,6 +142,8 @@ def run_engine_process(model_dir: str, device: str, dtype: str, trust_remote_cod
                         jobs.pop(rid, None)
                 except Exception as e:   # overloaded, closed, does not fit: the caller gets it as its answer
                     sink.deliver([(rid, e)])
+            elif msg[0] == "admin":   # adapter changes read files: off this loop, replies come on the output pipe
+                threading.Thread(target=_run_admin, args=(engine, sink, *msg[1:]), daemon=True).start()
             elif msg[0] == "abort":
                 job = jobs.pop(msg[1], None)
                 if job is not None:
@@ -148,6 +156,19 @@ def run_engine_process(model_dir: str, device: str, dtype: str, trust_remote_cod
     engine.stop()
     try:
         sink.send(("closed",))
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _run_admin(engine, sink: _PipeSink, rid: int, op: str, args: tuple) -> None:
+    try:
+        if op not in ADMIN_OPS:
+            raise ValueError(f"unknown engine admin op {op!r}")
+        reply = ("reply", rid, True, getattr(engine, op)(*args))
+    except Exception as e:
+        reply = ("reply", rid, False, error_to_tuple(e))
+    try:
+        sink.send(reply)
     except (BrokenPipeError, OSError):
         pass
 
@@ -184,6 +205,7 @@ class EngineClient:
         self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0)
         self._ids = itertools.count()
         self._callers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._replies: dict[int, concurrent.futures.Future] = {}
         self._send_lock = threading.Lock()
         self._closed = False
         self._reader = threading.Thread(target=self._read_outputs, name="lawchat-engine-client", daemon=True)
@@ -230,6 +252,34 @@ class EngineClient:
         except (BrokenPipeError, OSError):
             raise EngineClosed("the engine process is gone") from None
 
+    # -- adapters (AdminService): the Engine's methods, run in the engine process ------------------------
+    def _admin(self, op: str, *args, timeout: float = 120.0):
+        rid = next(self._ids)
+        fut = self._replies[rid] = concurrent.futures.Future()
+        try:
+            self._send(("admin", rid, op, args))
+            ok, value = fut.result(timeout)
+        finally:
+            self._replies.pop(rid, None)
+        if not ok:
+            raise error_from_tuple(*value)
+        return value
+
+    def load_adapter(self, name: str, path: str) -> dict:
+        info = self._admin("load_adapter", name, str(path))
+        self.config.adapters[name] = str(path)        # a restarted or reloaded engine serves it too
+        return info
+
+    def unload_adapter(self, name: str) -> bool:
+        gone = self._admin("unload_adapter", name)
+        self.config.adapters.pop(name, None)
+        if self.config.default_adapter == name:
+            self.config.default_adapter = None
+        return gone
+
+    def list_adapters(self) -> list[dict]:
+        return self._admin("list_adapters")
+
     # -- callers ---------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
@@ -265,6 +315,10 @@ class EngineClient:
                 self._dispatch(msg[1])
             elif msg[0] == "stats":
                 self._stats = msg[1]
+            elif msg[0] == "reply":
+                fut = self._replies.get(msg[1])
+                if fut is not None and not fut.done():
+                    fut.set_result((msg[2], msg[3]))
             elif msg[0] == "closed":
                 break
         self._closed_by_us = self._closed
@@ -272,6 +326,9 @@ class EngineClient:
         gone = EngineClosed("the engine process stopped" if self._closed_by_us else
                             "the engine process died; the server restarts it")
         self._dispatch([(rid, ("EngineClosed", str(gone), None)) for rid in list(self._callers)])
+        for fut in list(self._replies.values()):
+            if not fut.done():
+                fut.set_result((False, ("EngineClosed", str(gone), None)))
 
     def _dispatch(self, items: list) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}

@@ -130,8 +130,9 @@ class FastModel:
         self.sin = (freqs.sin() * self.attention_scaling).to(self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions: (T,); -> logits (N, vocab) float32 for rows logits_indices (all rows if None)."""
+                meta: AttentionMetadata, logits_indices: torch.Tensor | None = None, lora=None) -> torch.Tensor:
+        """input_ids, positions: (T,); -> logits (N, vocab) float32 for rows logits_indices (all rows if None).
+        lora: a `lora.LoraBatch` (each row's adapter, added after each projection) or None."""
         s = self.shape
         ops = self.fused if self.fused is not None and input_ids.is_cuda else None
         norm = ops.add_rms_norm if ops else add_rms_norm
@@ -143,6 +144,8 @@ class FastModel:
         for i, layer in enumerate(self.layers):
             h, residual = norm(x, residual, layer.input_norm, s.rms_eps)
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)                 # (T, q + 2 kv)
+            if lora is not None:
+                lora.add(i, "qkv", h, qkv)
             if ops:   # rotary in place, K/V into the cache, one kernel
                 ops.rotary_write_kv(qkv, positions, self.cos, self.sin, kv_cache[i], meta.slot_mapping,
                                     s.num_heads, s.num_kv_heads, s.head_dim, s.rotary_dim, s.interleaved_rotary)
@@ -155,10 +158,18 @@ class FastModel:
                 v = v.view(-1, s.num_kv_heads, s.head_dim)
                 write_kv(kv_cache[i], k, v, meta.slot_mapping)
             attn = attend(q, k, v, kv_cache[i], meta)                   # (T, heads, head_dim)
-            x = F.linear(attn.reshape(-1, q_size), layer.o_w, layer.o_b)
+            attn = attn.reshape(-1, q_size)
+            x = F.linear(attn, layer.o_w, layer.o_b)
+            if lora is not None:
+                lora.add(i, "o", attn, x)
             h, residual = norm(x, residual, layer.post_norm, s.rms_eps)
             gate_up = F.linear(h, layer.gate_up_w)
-            x = F.linear(ops.silu_mul(gate_up) if ops else silu_mul(gate_up), layer.down_w)
+            if lora is not None:
+                lora.add(i, "gate_up", h, gate_up)
+            act = ops.silu_mul(gate_up) if ops else silu_mul(gate_up)
+            x = F.linear(act, layer.down_w)
+            if lora is not None:
+                lora.add(i, "down", act, x)
         if logits_indices is not None:
             x, residual = x[logits_indices], residual[logits_indices]
         x, _ = norm(x, residual, self.final_norm, s.rms_eps)

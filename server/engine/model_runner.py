@@ -19,6 +19,7 @@ import torch
 from ..prompt import check_template, encode_prompt
 from .attention import AttentionMetadata, PrefillBatch
 from .config import EngineConfig
+from .lora import LoraBatch, LoraPool, LoraShape, segments_of
 from .model import FastModel, supports_fast_path
 from .sampler import SamplingBatch, SamplingParams, sample
 from .sequence import Sequence
@@ -110,6 +111,7 @@ class BaseRunner:
         self.graph_batch_sizes: list[int] = []
         self.overlap = False            # launch() may return before the step is done (fast path only)
         self.rerunnable = False         # a failed step may be launched again, in parts (the engine isolates it)
+        self.lora = None                # the adapter pool (fast path, engine.max_loras > 0)
 
     def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
         """launch() and wait for the sampled ids."""
@@ -184,6 +186,13 @@ class FastRunner(BaseRunner):
         if device.type == "cuda" and config.fused_ops:
             from . import triton_ops
             self.model.fused = triton_ops
+        self.lora: LoraPool | None = None       # adapter slots (engine.max_loras), before the KV cache takes the rest
+        if config.lora_slots:
+            shape = LoraShape(s.num_layers, s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+                              self.model.layers[0].gate_up_w.shape[0] // 2, config.max_lora_rank)
+            self.lora = LoraPool(shape, config.lora_slots, self.dtype, device)
+            log.info("LoRA pool: %d slots of rank %d (%.2f GiB)", config.lora_slots, config.max_lora_rank,
+                     self.lora.nbytes / 2**30)
         bytes_per_token = s.num_layers * 2 * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
         self.num_blocks = self._num_blocks(bytes_per_token)
         self.kv_cache = torch.zeros(s.num_layers, 2, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
@@ -308,8 +317,30 @@ class FastRunner(BaseRunner):
                                  context_lens=ctx_lens, use_triton=self.attention_backend == "triton",
                                  num_splits=self._splits(len(decode)) if decode else 1)
         logits = self.model.forward(host[0], host[1], self.kv_cache, meta,
-                                    self.to_device(torch.tensor(rows, dtype=torch.int64)))
+                                    self.to_device(torch.tensor(rows, dtype=torch.int64)),
+                                    self._lora_batch(chunks, decode, n_prefill))
         return logits, sampled + decode
+
+    def _lora_batch(self, chunks: list[tuple[Sequence, int]], decode: list[Sequence], n_prefill: int):
+        """The rows' adapter slots: prefill chunks as torch segments; decode rows through the Triton kernels on
+        CUDA (segments elsewhere). None when no row of the step uses an adapter."""
+        if self.lora is None or not any(s.adapter for s, _ in chunks) and not any(s.adapter for s in decode):
+            return None
+        segs, start = [], 0
+        for seq, n in chunks:
+            if seq.adapter is not None:
+                segs.append((start, start + n, seq.adapter.slot, frozenset(seq.adapter.weights)))
+            start += n
+        rows = None
+        if decode and self.device.type == "cuda":
+            rows = self.to_device(torch.tensor(self._slots_of(decode), dtype=torch.int32))
+        elif decode:
+            segs += segments_of(self._slots_of(decode), [s.adapter for s in decode], n_prefill)
+        return LoraBatch(self.lora, segs, rows, n_prefill)
+
+    @staticmethod
+    def _slots_of(seqs: list[Sequence]) -> list[int]:
+        return [s.adapter.slot if s.adapter is not None else -1 for s in seqs]
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         b = len(seqs)
@@ -322,8 +353,11 @@ class FastRunner(BaseRunner):
             meta = AttentionMetadata(slot_mapping=host[2], block_tables=tables,
                                      context_lens=host[3].to(torch.int32), use_triton=self.attention_backend == "triton",
                                      num_splits=self._splits(b))
-            return self.model.forward(host[0], host[1], self.kv_cache, meta)
+            return self.model.forward(host[0], host[1], self.kv_cache, meta, lora=self._lora_batch([], seqs, 0))
         self._fill_graph_inputs(host, tables, b, bucket)
+        if self.lora is not None:      # the captured graphs add each row's adapter: its slot, -1 for none
+            self.g_lora[:b].copy_(self.to_device(torch.tensor(self._slots_of(seqs), dtype=torch.int32)))
+            self.g_lora[b:bucket].fill_(-1)
         self._fill_pending(self.g_ids, pending)
         graph, out = self.graphs[bucket]
         graph.replay()
@@ -361,16 +395,18 @@ class FastRunner(BaseRunner):
         self.g_slots = torch.zeros(n, dtype=torch.int64, device=dev)
         self.g_ctx = torch.ones(n, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_lora = torch.full((n,), -1, dtype=torch.int32, device=dev)
         pool = None
         with torch.inference_mode():
             for b in reversed(sizes):
                 meta = AttentionMetadata(slot_mapping=self.g_slots[:b], block_tables=self.g_tables[:b],
                                          context_lens=self.g_ctx[:b], use_triton=True, num_splits=self._splits(b))
-                self.model.forward(self.g_ids[:b], self.g_pos[:b], self.kv_cache, meta)   # compile kernels
+                lora = LoraBatch(self.lora, rows=self.g_lora[:b]) if self.lora is not None else None
+                self.model.forward(self.g_ids[:b], self.g_pos[:b], self.kv_cache, meta, lora=lora)   # compile kernels
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self.model.forward(self.g_ids[:b], self.g_pos[:b], self.kv_cache, meta)
+                    out = self.model.forward(self.g_ids[:b], self.g_pos[:b], self.kv_cache, meta, lora=lora)
                 pool = graph.pool()
                 self.graphs[b] = (graph, out)
         self.graph_batch_sizes = sizes
@@ -384,6 +420,9 @@ class HFRunner(BaseRunner):
 
     def __init__(self, model_dir: Path, hf, tokenizer, device: torch.device, config: EngineConfig):
         super().__init__(model_dir, hf.config, hf.generation_config, tokenizer, device, hf.dtype, config)
+        if config.lora_slots:
+            raise ValueError(f"LoRA adapters are served unmerged on the fast path only (glm, llama, qwen2, mistral); "
+                             f"{model_dir} runs on the generic path: merge them with `lawchat merge` instead")
         self.model = hf
         self.num_blocks = config.num_kv_blocks or (config.cpu_kv_cache_tokens // self.block_size)
         self.max_len = min(self.max_len, (self.num_blocks - 1) * self.block_size)   # the scheduler's accounting

@@ -5,6 +5,8 @@ sequence whose prompt is done, and spends up to `max_prefill_tokens` on prompts 
 first, then newcomers in arrival order), so a long prompt is computed in chunks and never stalls the others
 for more than one chunk. When the KV cache is full, the newest running sequence is preempted: its blocks are
 freed and it goes back to the head of the queue, to be recomputed (prompt + what it generated so far).
+A sequence on a LoRA adapter holds one of the adapter slots while it runs; a newcomer whose adapter finds every
+slot held by running sequences waits (first come, first served), like one that finds the KV cache full.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int, adapters=None):
         self.blocks = blocks
+        self.adapters = adapters               # lora.AdapterSlots, or None (no adapters served)
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
@@ -45,13 +48,19 @@ class Scheduler:
         """Take seq out (finished or cancelled) and free its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self._release_adapter(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self.blocks.release(seq)
         seq.status = Status.FINISHED
 
+    def _release_adapter(self, seq: Sequence) -> None:
+        if self.adapters is not None:
+            self.adapters.release(seq.adapter)
+
     def _preempt(self, seq: Sequence, step: Step) -> None:
         self.running.remove(seq)
+        self._release_adapter(seq)
         self.blocks.release(seq)
         seq.status = Status.WAITING
         seq.preemptions += 1
@@ -107,10 +116,13 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.pending_row is not None:           # preempted with a token still in flight: next step
                 break
+            if self.adapters is not None and not self.adapters.acquire(seq.adapter):
+                break                                 # every adapter slot is in use: wait for one
             bm.match_prefix(seq)
             n = self._fit(seq, min(seq.num_pending, budget), reserve=watermark)
             if n == 0:
                 bm.release(seq)
+                self._release_adapter(seq)
                 break
             self.waiting.popleft()
             bm.record_admission(seq)

@@ -19,7 +19,7 @@ class Status(Enum):
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], sampling: SamplingParams, max_new_tokens: int, seed: int,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, adapter=None):
         self.seq_id = next(_ids)
         self.token_ids = list(prompt_ids)     # prompt + output so far
         self.num_prompt = len(prompt_ids)
@@ -27,11 +27,13 @@ class Sequence:
         self.seed = seed                      # the request's seed, or one the engine drew
         self.max_new_tokens = max_new_tokens
         self.ignore_eos = ignore_eos
+        self.adapter = adapter                # lora.Adapter or None (the base model)
+        self.cache_salt = adapter.salt if adapter is not None else None   # prefix blocks never shared across adapters
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0                 # tokens whose K/V are in the cache
         self.hashed_blocks = 0                # leading blocks registered in the prefix cache
-        self.last_hash: bytes | None = None   # digest of the last of those            # prompt tokens found in the prefix cache at admission
+        self.last_hash: bytes | None = None   # digest of the last of those
         self.finish_reason: str | None = None
         self.aborted = False                  # set outside the engine thread (client gone, deadline, stop
                                               # sequence matched): the engine drops it at its next step

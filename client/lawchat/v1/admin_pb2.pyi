@@ -18,12 +18,68 @@ BREAKER_STATE_CLOSED: BreakerState
 BREAKER_STATE_OPEN: BreakerState
 BREAKER_STATE_HALF_OPEN: BreakerState
 
+class Adapter(_message.Message):
+    __slots__ = ("name", "path", "rank", "target_modules", "on_device", "requests", "running")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    rank: int
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    on_device: bool
+    requests: int
+    running: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., on_device: _Optional[bool] = ..., requests: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class LoadAdapterResponse(_message.Message):
+    __slots__ = ("adapter", "load_seconds")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    adapter: Adapter
+    load_seconds: float
+    def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadAdapterResponse(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model", "device", "dtype", "uptime_seconds", "requests_in_flight", "requests_waiting", "version", "engine", "model_path", "breaker", "limits", "degraded", "draining", "auth_enabled", "knowledge")
+    __slots__ = ("model", "device", "dtype", "uptime_seconds", "requests_in_flight", "requests_waiting", "version", "engine", "model_path", "breaker", "limits", "degraded", "draining", "auth_enabled", "knowledge", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +95,7 @@ class GetStatusResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
     KNOWLEDGE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -54,7 +111,8 @@ class GetStatusResponse(_message.Message):
     draining: bool
     auth_enabled: bool
     knowledge: KnowledgeStatus
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., version: _Optional[str] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., model_path: _Optional[str] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., degraded: _Optional[_Union[DegradedSwitch, _Mapping]] = ..., draining: _Optional[bool] = ..., auth_enabled: _Optional[bool] = ..., knowledge: _Optional[_Union[KnowledgeStatus, _Mapping]] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., requests_in_flight: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., version: _Optional[str] = ..., engine: _Optional[_Union[EngineStatus, _Mapping]] = ..., model_path: _Optional[str] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., degraded: _Optional[_Union[DegradedSwitch, _Mapping]] = ..., draining: _Optional[bool] = ..., auth_enabled: _Optional[bool] = ..., knowledge: _Optional[_Union[KnowledgeStatus, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
 
 class KnowledgeStatus(_message.Message):
     __slots__ = ("backend", "version", "articles", "documents")

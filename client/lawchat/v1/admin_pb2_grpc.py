@@ -71,6 +71,21 @@ class AdminServiceStub:
                 request_serializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsRequest.SerializeToString,
                 response_deserializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/lawchat.v1.AdminService/LoadAdapter',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/lawchat.v1.AdminService/UnloadAdapter',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/lawchat.v1.AdminService/ListAdapters',
+                request_serializer=lawchat_dot_v1_dot_admin__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=lawchat_dot_v1_dot_admin__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -134,6 +149,31 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoadAdapter reads a PEFT LoRA adapter directory on the server's disk and serves it, unmerged over
+        the loaded model, to requests that name it from the moment it returns; streams in flight are not
+        paused. An adapter of the same name is replaced (its running streams finish on the old one). One
+        that does not fit the model (another base, rank above engine.max_lora_rank, a module not served
+        unmerged) is FAILED_PRECONDITION with the reason, as is a server started without adapter slots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """UnloadAdapter stops serving an adapter to new requests; running streams finish on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """ListAdapters lists the adapters served, with their use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +211,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteDocuments,
                     request_deserializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsRequest.FromString,
                     response_serializer=lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=lawchat_dot_v1_dot_admin__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=lawchat_dot_v1_dot_admin__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +419,87 @@ class AdminService:
             '/lawchat.v1.AdminService/DeleteDocuments',
             lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsRequest.SerializeToString,
             lawchat_dot_v1_dot_admin__pb2.DeleteDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/LoadAdapter',
+            lawchat_dot_v1_dot_admin__pb2.LoadAdapterRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/UnloadAdapter',
+            lawchat_dot_v1_dot_admin__pb2.UnloadAdapterRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lawchat.v1.AdminService/ListAdapters',
+            lawchat_dot_v1_dot_admin__pb2.ListAdaptersRequest.SerializeToString,
+            lawchat_dot_v1_dot_admin__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
