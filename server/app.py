@@ -318,7 +318,22 @@ def config_from_args(args) -> ServerConfig:
                              http={"port": args.http_port, "host": args.http_host,
                                    "served_model_name": args.served_model_name},
                              engine={"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-                                     "gpu_memory_fraction": args.gpu_memory_fraction})
+                                     "gpu_memory_fraction": args.gpu_memory_fraction,
+                                     "adapters": parse_adapters(args.adapters), "default_adapter": args.default_adapter,
+                                     "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank})
+
+
+def parse_adapters(items: list[str]) -> dict[str, str] | None:
+    """`--adapter NAME=DIR` flags -> {name: dir}, or None when none was given (the YAML's engine.adapters stand)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {item!r}: expected NAME=DIR")
+        out[name] = path
+    return out
 
 
 def serve_from_cli(args) -> int:

@@ -125,6 +125,13 @@ def add_commands(sub) -> None:
     s.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (engine.max_num_seqs)")
     s.add_argument("--gpu-memory-fraction", type=float, default=None,
                    help="share of the card's memory to fill, KV cache included (engine.gpu_memory_fraction)")
+    s.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter (PEFT dir) served unmerged over --model to requests that name it; repeatable "
+                        "(engine.adapters)")
+    s.add_argument("--default-adapter", default=None, help="the adapter of requests that name none "
+                   "(engine.default_adapter; default: the base model)")
+    s.add_argument("--max-loras", type=int, default=None, help="adapter slots on the device, LRU (engine.max_loras)")
+    s.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank served (engine.max_lora_rank)")
     s.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config key, e.g. --set limits.client_requests.rate=5 (repeatable; flags above win)")
     s.set_defaults(func=cmd_serve)

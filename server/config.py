@@ -58,12 +58,20 @@ class ServerConfig:
 
 
 def _check_type(value, tp, where: str):
-    """YAML scalars against the dataclass annotation: int for int, number for float, str, bool, or None."""
+    """YAML values against the dataclass annotation: int for int, number for float, str, bool, None, lists and
+    mappings of those."""
     if typing.get_origin(tp) is list:                     # list[str]
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list, got {value!r}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typing.get_origin(tp) is dict:                     # dict[str, str]
+        kt, vt = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return {_check_type(k, kt, f"{where} key"): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
     args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
     if value is None and type(None) in args:
         return None

@@ -225,6 +225,10 @@ def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unrea
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    def adapter_names() -> list[str]:
+        engine = slot.engine
+        return [a["name"] for a in engine.stats().adapters] if engine is not None else []
+
     def model_name() -> str:
         return cfg.served_model_name or (slot.model_path.name if slot.model_path else "lawchat")
 
@@ -251,16 +255,18 @@ def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unrea
             except (ValueError, RecursionError) as e:
                 raise HttpError(400, f"the body is not JSON: {type(e).__name__}") from None
             req, stream, include_usage = to_chat_request(body)
-            if body["model"] not in (model_name(), str(slot.model_path)):
+            if body["model"] in adapter_names():        # a LoRA adapter over the model (vLLM's convention)
+                req.adapter = body["model"]
+            elif body["model"] not in (model_name(), str(slot.model_path)):
                 raise HttpError(404, f"the model {body['model']!r} does not exist here; this server serves "
-                                f"{model_name()!r}", "model", "model_not_found")
+                                f"{', '.join([model_name(), *adapter_names()])}", "model", "model_not_found")
             ctx = HttpContext(request, key)
             parts = chat.generate(METHOD, req, ctx)
             first = await anext(parts)             # errors before the first chunk get their HTTP status
         except HttpError as e:
             return error_response(e)
         rid = ctx.request_id or ""
-        base = {"id": f"chatcmpl-{rid}", "created": int(t0), "model": model_name()}
+        base = {"id": f"chatcmpl-{rid}", "created": int(t0), "model": req.adapter or model_name()}
         headers = {"x-request-id": rid}
         if not stream:
             deltas, (chunk, degraded, hits) = [first[0].delta], first
@@ -312,8 +318,10 @@ def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unrea
             check_key(request)
         except HttpError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [{"id": model_name(), "object": "model", "created": 0,
-                                                         "owned_by": "lawchat"}]})
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name(), "object": "model", "created": 0, "owned_by": "lawchat"},
+            *({"id": name, "object": "model", "created": 0, "owned_by": "lawchat", "parent": model_name()}
+              for name in adapter_names())]})
 
     async def health(request: Request):
         why = unready()

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-stream", action="store_true", help="use the unary Chat RPC")
     c.add_argument("--usage", action="store_true", help="print finish reason and token usage to stderr")
     c.add_argument("--cite", action="store_true", help="ask for statute retrieval and print the cited articles")
+    c.add_argument("--adapter", default=None, help="answer with this LoRA adapter (`adapters` lists them; base = none)")
     sub.add_parser("status", help="print the server status as JSON")
     d = sub.add_parser("degraded", help="turn the degraded switch on or off (canned answers for everyone)")
     d.add_argument("state", choices=["on", "off"])
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         lim.add_argument(f"--{name}", type=rate, default=None)
     r = sub.add_parser("reload", help="serve another merged model dir (on the server's disk)")
     r.add_argument("model_path")
+    ad = sub.add_parser("adapters", help="list the LoRA adapters served, or load / unload one (admin scope)")
+    ad.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list")
+    ad.add_argument("name", nargs="?", help="load/unload: the adapter's name")
+    ad.add_argument("path", nargs="?", help="load: a PEFT adapter dir on the server's disk")
     dr = sub.add_parser("drain", help="stop admitting chat requests; wait for those in flight")
     dr.add_argument("--timeout", dest="drain_timeout", type=float, default=0.0,
                     help="seconds to wait (0 = the server's grace_seconds)")
@@ -87,6 +92,12 @@ def admin(client: LawchatClient, a) -> dict:
         return client.update_limits(**changes)
     if a.command == "reload":
         return client.reload_model(a.model_path)
+    if a.command == "adapters":
+        if a.action == "list":
+            return {"adapters": client.list_adapters()}
+        if not a.name or (a.action == "load") != bool(a.path):
+            raise ValueError(f"adapters {a.action}: " + ("NAME DIR" if a.action == "load" else "NAME"))
+        return client.load_adapter(a.name, a.path) if a.action == "load" else client.unload_adapter(a.name)
     return client.drain(a.drain_timeout)
 
 
@@ -119,7 +130,7 @@ def interactive(client: LawchatClient, a) -> None:
 def answer(client: LawchatClient, a, messages: list[dict]) -> str:
     """Ask, print the answer (streamed unless --no-stream) and what was asked for; -> the answer's text."""
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-              seed=a.seed, stop=a.stop, retrieval=True if a.cite else None)
+              seed=a.seed, stop=a.stop, retrieval=True if a.cite else None, adapter=a.adapter)
     if a.no_stream:
         r = client.chat(messages, **kw)
         text = r.text
@@ -169,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(json.dumps(admin(client, a), ensure_ascii=False, indent=2))
             return 0
+        except ValueError as e:
+            print(f"lawchat-client: {e}", file=sys.stderr)
+            return 2
         except LawchatError as e:
             print(f"lawchat-client: {e}", file=sys.stderr)
             return 1

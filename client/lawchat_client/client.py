@@ -163,6 +163,23 @@ class LawchatClient:
                               retry=False)
         return to_dict(resp, always_print_fields_with_no_presence=True, unquote_int64_if_possible=True)
 
+    def load_adapter(self, name: str, path: str, timeout: float | None = None) -> dict:
+        """LoadAdapter: serve the PEFT adapter dir `path` (on the server's disk) as `name` from the next request
+        -> {adapter, load_seconds}. FAILED_PRECONDITION says why one that does not fit the model is refused."""
+        resp, _ = self._unary(self._admin.LoadAdapter, admin_pb2.LoadAdapterRequest(name=name, path=path), timeout,
+                              retry=False)
+        return to_dict(resp, always_print_fields_with_no_presence=True, unquote_int64_if_possible=True)
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> dict:
+        resp, _ = self._unary(self._admin.UnloadAdapter, admin_pb2.UnloadAdapterRequest(name=name), timeout,
+                              retry=False)
+        return to_dict(resp, always_print_fields_with_no_presence=True)
+
+    def list_adapters(self, timeout: float | None = None) -> list[dict]:
+        """ListAdapters -> [{name, path, rank, target_modules, on_device, requests, running}, ...]."""
+        resp, _ = self._unary(self._admin.ListAdapters, admin_pb2.ListAdaptersRequest(), timeout)
+        return to_dict(resp, always_print_fields_with_no_presence=True, unquote_int64_if_possible=True)["adapters"]
+
     def drain(self, timeout_seconds: float = 0.0, timeout: float | None = None) -> dict:
         resp, _ = self._unary(self._admin.Drain, admin_pb2.DrainRequest(timeout_seconds=timeout_seconds), timeout,
                               retry=False)

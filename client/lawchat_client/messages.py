@@ -28,6 +28,7 @@ class ChatOptions(TypedDict, total=False):
     ignore_eos: bool
     retrieval: bool            # statute articles in the prompt; they come back as citations
     retrieval_top_k: int
+    adapter: str               # a LoRA adapter the server serves (list_adapters()); "base": the base model
     request_id: str            # sent as x-request-id (logged by the server; echoed back)
     timeout: float             # deadline of this call in seconds (default: the client's)
 
@@ -75,7 +76,8 @@ def build_request(message_type, messages: Messages, o: ChatOptions):
         retrieval.enabled = o["retrieval"]
     if o.get("retrieval_top_k") is not None:
         retrieval.top_k = o["retrieval_top_k"]
-    return message_type(messages=to_messages(messages), sampling=sampling, stopping=stopping, retrieval=retrieval)
+    return message_type(messages=to_messages(messages), sampling=sampling, stopping=stopping, retrieval=retrieval,
+                        adapter=o.get("adapter") or "")
 
 
 def result_of(resp, request_id: str | None) -> ChatResult:

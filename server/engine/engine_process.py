@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -268,13 +269,19 @@ class EngineClient:
     def load_adapter(self, name: str, path: str) -> dict:
         info = self._admin("load_adapter", name, str(path))
         self.config.adapters[name] = str(path)        # a restarted or reloaded engine serves it too
+        self._refresh_adapters()
         return info
+
+    def _refresh_adapters(self) -> None:
+        """Stats (what the HTTP API's model list reads) show an adapter change at once, not at the next push."""
+        self._stats = dataclasses.replace(self._stats, adapters=self._admin("list_adapters"))
 
     def unload_adapter(self, name: str) -> bool:
         gone = self._admin("unload_adapter", name)
         self.config.adapters.pop(name, None)
         if self.config.default_adapter == name:
             self.config.default_adapter = None
+        self._refresh_adapters()
         return gone
 
     def list_adapters(self) -> list[dict]:
