@@ -171,18 +171,18 @@ class Bounds:
         return dict(tok_s=n * new / total, ttft50=math.ceil(0.5 * n) * one, ttft99=math.ceil(0.99 * n) * one)
 
 
-def client_process(target: str, items: list[tuple[int, str | list[dict]]], new_tokens: int, start_at: float,
-                   results) -> None:
+def client_process(target: str, items: list[tuple[int, str | list[dict], str | None]], new_tokens: int,
+                   start_at: float, results) -> None:
     from lawchat_client import LawchatClient
     rows = []
     lock = threading.Lock()
 
-    def one(i: int, q: str | list[dict]) -> None:
+    def one(i: int, q: str | list[dict], adapter: str | None) -> None:
         with LawchatClient(target, timeout=600) as c:
             while time.time() < start_at:
                 time.sleep(0.001)
             t0 = time.perf_counter()
-            stream = c.chat_stream(q, max_new_tokens=new_tokens, ignore_eos=True)
+            stream = c.chat_stream(q, max_new_tokens=new_tokens, ignore_eos=True, adapter=adapter)
             stamps, text = [], []
             for delta in stream:
                 stamps.append(time.perf_counter())
@@ -200,11 +200,12 @@ def client_process(target: str, items: list[tuple[int, str | list[dict]]], new_t
     results.put(rows)
 
 
-def run_round(target: str, questions: list, new_tokens: int, processes: int) -> dict:
-    """All streams start together; questions are user texts or message lists. -> stats, and `answers` in order."""
+def run_round(target: str, questions: list, new_tokens: int, processes: int, adapters: list | None = None) -> dict:
+    """All streams start together; questions are user texts or message lists, `adapters` the LoRA adapter of each
+    (None: the server's default). -> stats, and `answers` in order."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    items = list(enumerate(questions))
+    items = [(i, q, adapters[i] if adapters else None) for i, q in enumerate(questions)]
     shares = [items[i::processes] for i in range(min(processes, len(items)))]
     start_at = time.time() + 2.0
     procs = [ctx.Process(target=client_process, args=(target, s, new_tokens, start_at, results)) for s in shares]

@@ -42,6 +42,9 @@ PROFILES = {
     "lora-24gb.yaml, grouped, sdpa (last shipped)": ("lora-24gb.yaml", {**OLD, "liger_kernel": False}, {}),
     "lora-24gb.yaml, batch 24": ("lora-24gb.yaml", {}, {"per_device_train_batch_size": 24}),
     "lora.yaml, grouped, batch 32": ("lora.yaml", {"batching": "grouped"}, {}),
+    "qlora.yaml as shipped": ("qlora.yaml", {}, {}),
+    "qlora.yaml, liger off": ("qlora.yaml", {"liger_kernel": False}, {}),
+    "qlora.yaml, batch 32": ("qlora.yaml", {}, {"per_device_train_batch_size": 32}),
 }
 
 

@@ -5,7 +5,8 @@
 1. Triton paged decode vs the torch gather+SDPA path (bf16, GQA, ragged lengths, every split count); the
    varlen prefill (FlashAttention-2 varlen, chunks continuing cached context) vs SDPA per chunk.
 2. Greedy tokens of the engine (CUDA graphs + Triton, fp32) vs HF generate on tiny random GLM / Llama / Qwen2,
-   8 concurrent requests of different lengths.
+   8 concurrent requests of different lengths; LoRA adapters served unmerged (BGMV kernel inside the graphs)
+   vs HF generate on their `lawchat merge` output, several adapters and none in one batch.
 3. ChatGLM3-6B shape, random bf16 weights: engine throughput (no gRPC) at 1/16/64/256 concurrent streams.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lawchat_server.engine.config import EngineConfig  # noqa: E402
 from lawchat_server.engine.engine import Engine, GenerationRequest  # noqa: E402
 from lawchat_server.engine.model_runner import load_runner  # noqa: E402
 from lawchat_server.engine.sampler import SamplingParams  # noqa: E402
-from lawchat_trainer.random_model import make_random_model  # noqa: E402
+from lawchat_trainer.random_model import make_random_adapter, make_random_model  # noqa: E402
 from bench_serving import copy_bandwidth  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 TINY = dict(vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -203,6 +204,74 @@ def check_greedy(tokenizer: Path, tmp: Path) -> None:
         torch.cuda.empty_cache()
 
 
+def check_bgmv() -> None:
+    from lawchat_server.engine.triton_lora import bgmv
+    torch.manual_seed(0)
+    for k, n, r in ((4096, 4608, 48), (4096, 27392, 32), (13696, 4096, 16)):      # 6B qkv, gate_up, down
+        A = torch.randn(4, r, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        B = torch.randn(4, n, r, device="cuda", dtype=torch.bfloat16) * 0.02
+        x, y = torch.randn(64, k, device="cuda", dtype=torch.bfloat16), torch.randn(64, n, device="cuda", dtype=torch.bfloat16)
+        idx = torch.randint(-1, 4, (64,), device="cuda", dtype=torch.int32)
+        ref = y.float().clone()
+        for i, s_ in enumerate(idx.tolist()):
+            if s_ >= 0:
+                ref[i] += (x[i].float() @ A[s_].float().T) @ B[s_].float().T
+        out = y.clone()
+        bgmv(x, A, B, idx, out)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(100):
+            bgmv(x, A, B, idx, y.clone())
+        torch.cuda.synchronize()
+        print(f"bgmv K={k} N={n} R={r} x64 rows: max abs err {(out.float() - ref).abs().max().item():.4f} "
+              f"(bf16 output), {(time.perf_counter() - t0) * 1e4:.1f} us/call incl. a clone")
+
+
+def check_adapters(tokenizer: Path, tmp: Path) -> None:
+    """Per model type: 2 random adapters (attention r8, MLP r16) over a tiny fp32 model; 12 concurrent requests with
+    a1, a2 or none, staggered (mixed prefill+decode steps, graph replays, 2 slots) vs the same requests on engines
+    serving each `lawchat merge` output (same graphs path). Random tiny models have near-tied logits, so HF generate
+    on the merged model is not the reference here: check_greedy compares the engine with HF."""
+    from lawchat_trainer.merge import merge
+    for model_type in ("glm", "llama"):
+        base = make_random_model(tmp / f"{model_type}-base", tokenizer, TINY, model_type, dtype=torch.float32, seed=1)
+        mlp = ["gate_up_proj"] if model_type == "glm" else ["gate_proj", "up_proj"]
+        ads = {"a1": make_random_adapter(base, tmp / f"{model_type}-a1", ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 1),
+               "a2": make_random_adapter(base, tmp / f"{model_type}-a2", [*mlp, "down_proj"], 16, 2)}
+        g = torch.Generator().manual_seed(5)
+        reqs = [(torch.randint(10, 1900, (int(n),), generator=g).tolist(), [None, "a1", "a2"][i % 3],
+                 int(torch.randint(8, 40, (1,), generator=g))) for i, n in enumerate(torch.randint(20, 90, (12,), generator=g))]
+
+        def serve(model_dir: Path, adapters: dict, requests) -> tuple[list[list[int]], list[int]]:
+            runner = load_runner(model_dir, device="cuda", dtype="float32",
+                                 config=EngineConfig(max_num_seqs=16, adapters=adapters, max_loras=2 if adapters else 0))
+            engine = Engine(runner)
+            engine.start()
+
+            async def run_all():
+                async def one(p, ad, n, delay):
+                    await asyncio.sleep(delay)
+                    return [c async for c in engine.stream(GenerationRequest(p, SamplingParams(), n, ignore_eos=True,
+                                                                             adapter=ad))][-1].token_ids
+                return await asyncio.gather(*[one(p, ad, n, 0.003 * i) for i, (p, ad, n) in enumerate(requests)])
+            try:
+                return asyncio.run(run_all()), runner.graph_batch_sizes
+            finally:
+                engine.stop()
+        got, graphs = serve(base, {k: str(v) for k, v in ads.items()}, [(p, ad or "base", n) for p, ad, n in reqs])
+        same = 0
+        for name in (None, "a1", "a2"):
+            merged = base
+            if name is not None:
+                merged = merge(ads[name], tmp / f"{model_type}-{name}-merged")
+            mine = [(i, (p, None, n)) for i, (p, ad, n) in enumerate(reqs) if ad == name]
+            want, _ = serve(merged, {}, [r for _, r in mine])
+            same += sum(got[i] == w for (i, _), w in zip(mine, want))
+        print(f"adapters {model_type}: {same}/{len(reqs)} unmerged (a1 attention r8, a2 MLP r16, none; 2 slots; graphs "
+              f"{graphs[:4]}...) equal to the merged models on the same engine path")
+        torch.cuda.empty_cache()
+
+
 def engine_throughput(model_dir: Path, streams: list[int], new_tokens: int = 256, prompt_len: int = 128) -> None:
     runner = load_runner(model_dir, device="cuda", config=EngineConfig(max_num_seqs=max(streams), max_waiting=1024,
                                                                        enable_prefix_caching=False))
@@ -243,14 +312,23 @@ def main() -> None:
     ap.add_argument("--model-6b", type=Path, default=Path("/tmp/glm6b"))
     ap.add_argument("--skip-6b", action="store_true")
     ap.add_argument("--streams", default="1,16,64,256")
+    ap.add_argument("--only", default=None, help="comma list: kernels, greedy, adapters (default: everything)")
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else {"kernels", "greedy", "adapters", "6b"}
     print(torch.cuda.get_device_name(), torch.__version__)
-    check_kernel()
-    check_varlen()
-    check_fused_ops()
-    bench_attention()
+    if "kernels" in only:
+        check_kernel()
+        check_varlen()
+        check_fused_ops()
+        bench_attention()
     with tempfile.TemporaryDirectory() as tmp:
-        check_greedy(args.tokenizer, Path(tmp))
+        if "greedy" in only:
+            check_greedy(args.tokenizer, Path(tmp))
+        if "adapters" in only:
+            check_bgmv()
+            check_adapters(args.tokenizer, Path(tmp))
+    if "6b" not in only:
+        return
     if args.skip_6b:
         return
     if not (args.model_6b / "config.json").is_file():

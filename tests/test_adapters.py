@@ -24,32 +24,17 @@ SYSTEM = "你是法律小助手。请依据中华人民共和国现行法律回�
 N = 24
 
 
-def random_adapter(base: Path, out: Path, targets: list[str], r: int, seed: int) -> Path:
-    """A PEFT adapter with random A and B (PEFT's init leaves B zero: no effect to check) saved as training would."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, w in peft.named_parameters():
-            if "lora_B" in name:
-                w.mul_(2.0)         # strong enough that K/V computed under another adapter change the answer
-    peft.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_demo, tmp_path_factory):
     """a1: the demo's trained adapter (q, v; r 4); a2: random over k, o, gate_up, down (r 8); their merged dirs
     (`lawchat merge`); and adapters a server must refuse: one trained on another base, one of rank 16."""
     from lawchat_trainer.merge import merge
-    from lawchat_trainer.random_model import make_random_model
+    from lawchat_trainer.random_model import make_random_adapter, make_random_model
     d = tmp_path_factory.mktemp("adapters")
     base = tiny_demo / "base"
     out = {"base": base, "a1": tiny_demo / "lora" / "final",
-           "a2": random_adapter(base, d / "a2", ["k_proj", "o_proj", "gate_up_proj", "down_proj"], 8, 1),
-           "r16": random_adapter(base, d / "r16", ["q_proj"], 16, 2)}
+           "a2": make_random_adapter(base, d / "a2", ["k_proj", "o_proj", "gate_up_proj", "down_proj"], 8, 1),
+           "r16": make_random_adapter(base, d / "r16", ["q_proj"], 16, 2)}
     for name in ("a1", "a2"):
         merge(out[name], d / f"{name}-merged")
         out[f"{name}-merged"] = d / f"{name}-merged"
@@ -58,7 +43,7 @@ def adapters(tiny_demo, tmp_path_factory):
                                                            num_key_value_heads=1, head_dim=16,
                                                            partial_rotary_factor=0.5, max_position_embeddings=512),
                               dtype=torch.float32)
-    out["other"] = random_adapter(other, d / "other", ["q_proj"], 4, 3)
+    out["other"] = make_random_adapter(other, d / "other", ["q_proj"], 4, 3)
     return out
 
 

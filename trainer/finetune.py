@@ -38,6 +38,8 @@ class FinetuneConfig:
     liger_kernel: bool | str = False   # lawchat's addition (trainer/kernels.py): true | false | auto (on with CUDA
                                        # and the liger-kernel package)
     attention: str = "sdpa"      # lawchat's addition (trainer/attention.py): sdpa | varlen
+    quantization: dict = field(default_factory=dict)   # lawchat's addition: QLoRA — the base loaded quantised by
+                                                       # bitsandbytes (transformers' BitsAndBytesConfig keys)
 
 
 BATCHING = ("grouped", "packed", "padded")
@@ -55,7 +57,7 @@ def load_config(path: str | Path) -> FinetuneConfig:
         raise FinetuneError(f"no such config: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "batching",
-             "liger_kernel", "attention"}
+             "liger_kernel", "attention", "quantization"}
     unknown = set(raw) - known
     if unknown:
         raise FinetuneError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -71,13 +73,17 @@ def load_config(path: str | Path) -> FinetuneConfig:
                          peft_config=dict(raw.get("peft_config") or {}),
                          batching=raw.get("batching", FinetuneConfig.batching),
                          liger_kernel=raw.get("liger_kernel", FinetuneConfig.liger_kernel),
-                         attention=raw.get("attention", FinetuneConfig.attention))
+                         attention=raw.get("attention", FinetuneConfig.attention),
+                         quantization=dict(raw.get("quantization") or {}))
     if cfg.liger_kernel not in (True, False, "auto"):
         raise FinetuneError(f"{path}: liger_kernel must be true, false or auto, got {cfg.liger_kernel!r}")
     if cfg.attention not in ATTENTION:
         raise FinetuneError(f"{path}: attention must be one of {list(ATTENTION)}, got {cfg.attention!r}")
     if cfg.batching not in BATCHING:
         raise FinetuneError(f"{path}: batching must be one of {list(BATCHING)}, got {cfg.batching!r}")
+    q = cfg.quantization
+    if q and not (q.get("load_in_4bit") or q.get("load_in_8bit")):
+        raise FinetuneError(f"{path}: quantization needs load_in_4bit: true (QLoRA) or load_in_8bit: true, got {q}")
     if cfg.peft_config.get("peft_type", "LORA") != "LORA":
         raise FinetuneError(f"{path}: only peft_type LORA is supported, got {cfg.peft_config['peft_type']}")
     return cfg
@@ -112,6 +118,27 @@ def encode_split(tokenizer, convs: list[list[dict]], cfg: FinetuneConfig, name: 
         print(f"train: {name}: {n_prompt} prompt(s) longer than max_input_length={cfg.max_input_length} kept their "
               f"last tokens; {n_reply} repl(y/ies) cut at max_output_length={cfg.max_output_length}", file=sys.stderr)
     return rows
+
+
+QUANT_FILE = "lawchat_quantization.json"   # beside a QLoRA adapter: the base's quantisation (lawchat merge reads it)
+
+
+def quantization_config(q: dict):
+    """The config's `quantization` -> transformers' BitsAndBytesConfig; FinetuneError where bitsandbytes cannot run."""
+    import importlib.util
+
+    import torch
+    if not torch.cuda.is_available():
+        raise FinetuneError("quantization (QLoRA) needs a CUDA card: bitsandbytes' 4-bit training kernels run on GPUs; "
+                            "on this machine use configs/lora.yaml")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FinetuneError("quantization (QLoRA) needs bitsandbytes: pip install 'lawchat[qlora]'")
+    from transformers import BitsAndBytesConfig
+    q = dict(q)
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(q.get(key), str):
+            q[key] = getattr(torch, q[key])
+    return BitsAndBytesConfig(**q)
 
 
 def length_grouping_args() -> dict:
@@ -170,8 +197,12 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
 
     # on CUDA bf16 weights; on the CPU fp32 weights under bf16 autocast (measured faster there: the elementwise ops stay fp32)
     bf16_weights = training_args.bf16 and torch.cuda.is_available()
+    quant = {}
+    if cfg.quantization:     # QLoRA: the frozen base quantised on load, on this process's GPU
+        quant = dict(quantization_config=quantization_config(cfg.quantization),
+                     device_map={"": training_args.local_process_index})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16_weights else torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **quant)
     if (cfg.batching == "packed" or cfg.attention == "varlen") and not model.is_backend_compatible():
         raise FinetuneError(f"{model_dir}: batching: packed and attention: varlen need a model whose attention "
                             f"transformers can swap, and {type(model).__name__} is not one (a THUDM ChatGLM3 checkpoint: "
@@ -185,6 +216,11 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         print(f"train: liger-kernel: {apply_liger(model)}", file=sys.stderr)
     elif cfg.liger_kernel == "auto":
         print("train: liger-kernel: off (needs CUDA and `pip install 'lawchat[train-gpu]'`)", file=sys.stderr)
+    if cfg.quantization:     # PEFT's preparation as designed: norms and embeddings fp32, checkpointing, input grads
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs)
     peft_cfg = dict(cfg.peft_config)
     if not peft_cfg.get("target_modules") and model.config.model_type in DEFAULT_TARGET_MODULES:
         peft_cfg["target_modules"] = DEFAULT_TARGET_MODULES[model.config.model_type]
@@ -205,6 +241,9 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
     trainer.save_model(final)                   # rank 0 only under torchrun; the adapter, not the base
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
+        if cfg.quantization:
+            (final / QUANT_FILE).write_text(json.dumps(cfg.quantization, indent=2) + "\n", encoding="utf-8")
+            report["quantization"] = cfg.quantization
         report["train_loss"] = result.training_loss
         report["global_step"] = result.global_step
         report["world_size"] = training_args.world_size

@@ -47,6 +47,23 @@ def make_random_model(out: Path, tokenizer_dir: Path, shape: dict | None = None,
     return out
 
 
+def make_random_adapter(base: Path, out: Path, targets: list[str], r: int, seed: int = 0, scale: float = 2.0,
+                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+    """A PEFT LoRA adapter of base with random A and B (PEFT's own init leaves B zero: no effect to test), B scaled by
+    `scale`, saved as training saves one (adapter_config.json + adapter_model.safetensors)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, w in peft.named_parameters():
+            if "lora_B" in name:
+                w.mul_(scale)
+    peft.save_pretrained(out)
+    return Path(out)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
