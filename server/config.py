@@ -76,6 +76,8 @@ def _check_type(value, tp, where: str):
     if value is None and type(None) in args:
         return None
     for t in args:
+        if typing.get_origin(t) in (list, dict) and isinstance(value, typing.get_origin(t)):   # list[str] | None
+            return _check_type(value, t, where)
         if t is bool and isinstance(value, bool):
             return value
         if t is int and isinstance(value, int) and not isinstance(value, bool):
@@ -86,7 +88,8 @@ def _check_type(value, tp, where: str):
             return float(value)
         if t is str and isinstance(value, str):
             return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in args)
+    names = " or ".join("null" if t is type(None) else getattr(typing.get_origin(t), "__name__", None) or t.__name__
+                        for t in args)
     raise ValueError(f"{where} must be {names}, got {value!r}")
 
 

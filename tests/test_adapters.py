@@ -94,6 +94,18 @@ def test_adapters_unmerged_answer_as_their_merged_models_in_mixed_batches(adapte
     assert want["a1"] != want["base"] and want["a2"] != want["base"]     # each adapter changes the answers
 
 
+def test_the_pool_serves_the_configured_adapters_modules_unless_told_otherwise(adapters):
+    from lawchat_server.engine.config import EngineConfig
+    from lawchat_server.engine.lora import served_modules
+    assert served_modules(EngineConfig(adapters={"a1": str(adapters["a1"])})) == ("qkv",)            # q_proj, v_proj
+    assert served_modules(EngineConfig(adapters={"a1": str(adapters["a1"]), "a2": str(adapters["a2"])})) == (
+        "qkv", "o", "gate_up", "down")
+    assert served_modules(EngineConfig(max_loras=2)) == ("qkv", "o", "gate_up", "down")
+    assert served_modules(EngineConfig(max_loras=2, lora_target_modules=["down_proj", "q_proj"])) == ("qkv", "down")
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        EngineConfig(lora_target_modules=["lm_head"]).validate()
+
+
 def test_a_default_adapter_answers_requests_that_name_none(adapters):
     ids = prompts(adapters["base"])
     got = greedy(adapters["base"], [(ids[0], None), (ids[0], "base")], adapters={"a2": str(adapters["a2"])},
@@ -111,6 +123,8 @@ def test_adapters_that_do_not_fit_are_refused_with_the_reason(adapters, tmp_path
                         (tmp_path, "DoRA"), (tmp_path / "nope", "not a PEFT adapter directory")):
         with pytest.raises(AdapterError, match=words):
             read_adapter("x", path, shape, torch.float32)
+    with pytest.raises(AdapterError, match="serves adapters on q_proj, k_proj, v_proj only"):
+        read_adapter("x", adapters["a2"], shape, torch.float32, ("qkv",))
     for name in ("base", "", "a/b", "x" * 65):
         with pytest.raises(AdapterError, match="adapter name"):
             read_adapter(name, adapters["a2"], shape, torch.float32)
@@ -141,7 +155,8 @@ def test_adapters_over_a_real_server(adapters, tmp_path):
     keys.write_text(f"{chat_line}\n{admin_line}\n")
     srv = start_server(adapters["base"], tmp_path / "server.log", "--api-keys-file", str(keys), "--adapter",
                        f"a1={adapters['a1']}", "--max-loras", "2", "--max-lora-rank", "8", "--http-port", "0",
-                       "--served-model-name", "tiny")
+                       "--served-model-name", "tiny", "--set",
+                       "engine.lora_target_modules=[q_proj, k_proj, v_proj, o_proj, gate_up_proj, down_proj]")
     want = {}
     for name in ("a1", "a2"):
         want[name] = greedy(adapters[f"{name}-merged"], [(prompts(adapters["base"])[0], None)])[0]

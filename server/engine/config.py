@@ -32,6 +32,10 @@ class EngineConfig:
     max_loras: int | None = None            # GPU slots for adapters used at once (null: 4 when adapters are
                                             # configured, else 0 = no adapters, LoadAdapter refused)
     max_lora_rank: int = 16                 # the largest rank served (sizes the slots)
+    lora_target_modules: list[str] | None = None   # projections adapters may adapt (q_proj, k_proj, v_proj, o_proj,
+                                            # gate_proj, up_proj, gate_up_proj, down_proj): each costs slot memory
+                                            # and two kernels per layer in every decode step; null = those of the
+                                            # configured adapters, or all when none is configured
 
     @property
     def lora_slots(self) -> int:
@@ -52,6 +56,11 @@ class EngineConfig:
             raise ValueError("engine: max_loras must be >= 0 and max_lora_rank >= 1")
         if not isinstance(self.adapters, dict):
             raise ValueError("engine.adapters must map adapter names to PEFT adapter directories")
+        if self.lora_target_modules is not None:
+            from .lora import HF_PIECES
+            bad = sorted(set(self.lora_target_modules) - set(HF_PIECES))
+            if bad or not self.lora_target_modules:
+                raise ValueError(f"engine.lora_target_modules: {bad or 'empty'}; choose from {', '.join(HF_PIECES)}")
         if self.adapters and self.lora_slots == 0:
             raise ValueError("engine.adapters are configured but engine.max_loras is 0")
         if self.default_adapter is not None and self.default_adapter not in self.adapters:

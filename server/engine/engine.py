@@ -284,7 +284,8 @@ class Engine:
         if self.adapters is None:
             raise AdapterError("this server serves no adapters: start it with engine.max_loras > 0 (or with "
                                "--adapter NAME=DIR)")
-        return read_adapter(name, path, self.adapters.pool.shape, self.runner.dtype)
+        pool = self.adapters.pool
+        return read_adapter(name, path, pool.shape, self.runner.dtype, pool.modules)
 
     def _in_loop(self, fn):
         """fn() on the engine thread between two steps (it owns the adapter slots); -> its result."""

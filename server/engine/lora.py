@@ -88,8 +88,30 @@ class Adapter:
                 "on_device": self.slot is not None, "requests": self.requests, "running": self.running}
 
 
-def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dtype) -> Adapter:
-    """A PEFT LoRA dir -> an Adapter in the fused layout (host memory, pinned when CUDA is there), or AdapterError."""
+def served_modules(config) -> tuple[str, ...]:
+    """The fused modules the pool serves: engine.lora_target_modules, else the configured adapters' targets (their
+    adapter_config.json), else all. Fixed at start: the captured graphs hold one pair of kernels per module."""
+    names = config.lora_target_modules
+    if names is None and config.adapters:
+        names = []
+        for path in config.adapters.values():
+            try:
+                targets = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
+            except (OSError, ValueError, KeyError):
+                return MODULES                 # read_adapter reports what is wrong with it
+            if not isinstance(targets, list):  # a regex: any projection may match
+                return MODULES
+            names += [t.rsplit(".", 1)[-1] for t in targets]
+    if names is None:
+        return MODULES
+    fused = {HF_PIECES[n][0] for n in names if n in HF_PIECES}
+    return tuple(m for m in MODULES if m in fused) or MODULES
+
+
+def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dtype,
+                 modules: tuple[str, ...] = MODULES) -> Adapter:
+    """A PEFT LoRA dir -> an Adapter in the fused layout (host memory, pinned when CUDA is there), or AdapterError.
+    `modules`: the fused projections this server serves adapters on."""
     if not NAME_RE.match(name or "") or name == BASE:
         raise AdapterError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not {BASE!r})")
     path = Path(path)
@@ -128,6 +150,10 @@ def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dty
             raise AdapterError(f"{path}: adapts layer {layer}, this model has {shape.num_layers} layers: it was "
                                "trained on another base")
         module, piece = HF_PIECES[hf]
+        if module not in modules:
+            served = ", ".join(n for n, (m, _) in HF_PIECES.items() if m in modules)
+            raise AdapterError(f"{path}: adapts {hf}; this server serves adapters on {served} only (engine."
+                               f"lora_target_modules, fixed at start); restart it with {hf} listed there")
         a, b = ab["A"].float(), ab["B"].float()
         r = a.shape[0]
         start, end = shape.piece_rows(hf)
@@ -161,12 +187,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 class LoraPool:
-    """The GPU (or CPU) side: per module, A (layers, slots, P*R, in) and B (layers, slots, out, P*R)."""
+    """The GPU (or CPU) side: per served module, A (layers, slots, P*R, in) and B (layers, slots, out, P*R)."""
 
-    def __init__(self, shape: LoraShape, slots: int, dtype: torch.dtype, device: torch.device):
-        self.shape, self.slots = shape, slots
+    def __init__(self, shape: LoraShape, slots: int, dtype: torch.dtype, device: torch.device,
+                 modules: tuple[str, ...] = MODULES):
+        self.shape, self.slots, self.modules = shape, slots, modules
         self.A, self.B = {}, {}
-        for m in MODULES:
+        for m in modules:
             p = PIECES[m] * shape.rank
             self.A[m] = torch.zeros(shape.num_layers, slots, p, shape.in_features(m), dtype=dtype, device=device)
             self.B[m] = torch.zeros(shape.num_layers, slots, shape.out_features(m), p, dtype=dtype, device=device)
@@ -177,7 +204,7 @@ class LoraPool:
 
     def write(self, slot: int, adapter: Adapter) -> None:
         """Copy adapter into slot (stream-ordered: steps launched before it read the old weights)."""
-        for m in MODULES:
+        for m in self.modules:
             if m in adapter.weights:
                 a, b = adapter.weights[m]
                 self.A[m][:, slot].copy_(a, non_blocking=True)
@@ -198,6 +225,8 @@ class LoraBatch:
 
     def add(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y (T, out) += the rows' adapter deltas of x (T, in), in place."""
+        if module not in self.pool.A:          # no adapter may adapt it: nothing to add, no kernel in the graphs
+            return
         A, B = self.pool.A[module][layer], self.pool.B[module][layer]       # (S, P*R, in), (S, out, P*R)
         for start, end, slot, modules in self.segments:
             if module in modules:

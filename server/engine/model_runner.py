@@ -19,7 +19,7 @@ import torch
 from ..prompt import check_template, encode_prompt
 from .attention import AttentionMetadata, PrefillBatch
 from .config import EngineConfig
-from .lora import LoraBatch, LoraPool, LoraShape, segments_of
+from .lora import LoraBatch, LoraPool, LoraShape, segments_of, served_modules
 from .model import FastModel, supports_fast_path
 from .sampler import SamplingBatch, SamplingParams, sample
 from .sequence import Sequence
@@ -190,9 +190,9 @@ class FastRunner(BaseRunner):
         if config.lora_slots:
             shape = LoraShape(s.num_layers, s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
                               self.model.layers[0].gate_up_w.shape[0] // 2, config.max_lora_rank)
-            self.lora = LoraPool(shape, config.lora_slots, self.dtype, device)
-            log.info("LoRA pool: %d slots of rank %d (%.2f GiB)", config.lora_slots, config.max_lora_rank,
-                     self.lora.nbytes / 2**30)
+            self.lora = LoraPool(shape, config.lora_slots, self.dtype, device, served_modules(config))
+            log.info("LoRA pool: %d slots of rank %d on %s (%.2f GiB)", config.lora_slots, config.max_lora_rank,
+                     ",".join(self.lora.modules), self.lora.nbytes / 2**30)
         bytes_per_token = s.num_layers * 2 * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
         self.num_blocks = self._num_blocks(bytes_per_token)
         self.kv_cache = torch.zeros(s.num_layers, 2, self.num_blocks, self.block_size, s.num_kv_heads, s.head_dim,
