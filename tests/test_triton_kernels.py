@@ -67,7 +67,7 @@ BGMV_CHECK = textwrap.dedent('''
     from lawchat_server.engine.triton_lora import bgmv
 
     torch.manual_seed(0)
-    for k, n, r in ((96, 70, 8), (1500, 300, 48)):        # K not a multiple of the block, R over two blocks
+    for k, n, r in ((96, 70, 8), (2500, 300, 48)):        # K over several splits and not a multiple, R over blocks
         A, B = torch.randn(3, r, k), torch.randn(3, n, r)
         x, y = torch.randn(5, k), torch.randn(5, n)
         idx = torch.tensor([2, -1, 0, 2, 1], dtype=torch.int32)      # -1: a row without an adapter

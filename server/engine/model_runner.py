@@ -51,6 +51,8 @@ class StepHandle:
 log = logging.getLogger("lawchat.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BGMV_PREFILL_ROWS = 256    # a step with up to this many prompt rows adds their adapters with the BGMV kernels too
+                           # (one launch per projection instead of several small matmuls per prompt chunk)
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -326,6 +328,10 @@ class FastRunner(BaseRunner):
         CUDA (segments elsewhere). None when no row of the step uses an adapter."""
         if self.lora is None or not any(s.adapter for s, _ in chunks) and not any(s.adapter for s in decode):
             return None
+        if self.device.type == "cuda" and n_prefill <= BGMV_PREFILL_ROWS:   # few prompt rows: all rows by the kernels
+            slots = [s.adapter.slot if s.adapter is not None else -1 for s, n in chunks for _ in range(n)]
+            rows = self.to_device(torch.tensor(slots + self._slots_of(decode), dtype=torch.int32))
+            return LoraBatch(self.lora, [], rows, 0)
         segs, start = [], 0
         for seq, n in chunks:
             if seq.adapter is not None:
