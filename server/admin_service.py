@@ -135,7 +135,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         index = await self._index(context)
         docs = [Document(d.id, d.law, d.article, d.text) for d in request.documents]
         try:
-            change = await asyncio.to_thread(add_documents, index, docs)     # jieba + a write transaction
+            change = await asyncio.to_thread(add_documents, index, docs,    # jieba, vectors, a write transaction
+                                             getattr(self.retriever, "encoder", None))
         except InvalidDocuments as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         log.warning("knowledge: %d documents added, %d replaced -> version %d", change.added, change.replaced,

@@ -92,6 +92,8 @@ def build_app(cfg: ServerConfig, slot: EngineSlot, clock=time.monotonic) -> App:
                              options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", transport_cap)])
     health_servicer = health.aio.HealthServicer()
     retriever = open_retriever(cfg.retrieval)
+    if getattr(retriever, "encoder", None) is not None:
+        retriever.encoder.observe = metrics.encoder_seconds.observe
     chat = ChatService(slot, cfg, metrics, limiter, breaker, keys, retriever)
 
     async def on_drain():          # `app` is bound below, before any RPC can call this

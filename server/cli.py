@@ -14,17 +14,32 @@ def cmd_serve(a) -> int:
 
 
 def cmd_index(a) -> int:
-    from .retrieval import build_index, find_laws_db
-    laws_db = None if a.no_laws_db else (a.laws_db or find_laws_db())
-    meta = build_index(a.out, laws_db=laws_db, corpus=a.corpus, current_only=not a.all_statuses)
-    print(f"index: {meta['articles']} articles in {a.out} ({meta['build_seconds']} s)", file=sys.stderr)
+    """Build the lexical index (written whole, then renamed); with --encoder add the article vectors to it — an
+    existing index keeps its articles and gets only the vectors it lacks (an interrupted build resumes)."""
+    from .retrieval import build_index, build_vectors, find_laws_db
+    if not (a.encoder and Path(a.out).is_file()) or a.rebuild:
+        laws_db = None if a.no_laws_db else (a.laws_db or find_laws_db())
+        meta = build_index(a.out, laws_db=laws_db, corpus=a.corpus, current_only=not a.all_statuses)
+        print(f"index: {meta['articles']} articles in {a.out} ({meta['build_seconds']} s)", file=sys.stderr)
+    if a.encoder:
+        from .encoder import Encoder
+        done = build_vectors(a.out, Encoder(a.encoder), rebuild=a.rebuild_vectors)
+        print(f"index: {done['added']} article vectors from {done['encoder']['name']} ({done['encoder']['dim']} dims) "
+              f"in {done['seconds']} s", file=sys.stderr)
     print(a.out)
     return 0
 
 
+def _encoder(path: str | None):
+    if path is None:
+        return None
+    from .encoder import Encoder
+    return Encoder(path)
+
+
 def cmd_retrieve(a) -> int:
     from .retrieval import Retriever
-    hits = Retriever(a.index).search(a.question, a.k, expand=not a.no_expand)
+    hits = Retriever(a.index, _encoder(a.encoder)).search(a.question, a.k, expand=not a.no_expand)
     if a.json:
         print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
     else:
@@ -55,7 +70,8 @@ def cmd_kb(a) -> int:
     try:
         docs = read_jsonl(a.file) if a.action == "add" else None
         if a.server is None:
-            change = add_documents(a.index, docs) if docs is not None else delete_documents(a.index, a.ids)
+            change = add_documents(a.index, docs, _encoder(a.encoder)) if docs is not None else \
+                delete_documents(a.index, a.ids)
             result = {"added": change.added, "replaced": change.replaced, "deleted": change.deleted,
                       "not_found": list(change.not_found), "knowledge": {"version": change.version,
                                                                         "articles": change.articles}}
@@ -142,6 +158,10 @@ def add_commands(sub) -> None:
     s.add_argument("--no-laws-db", action="store_true", help="index only --corpus")
     s.add_argument("--corpus", default=None, help="your own articles: JSONL lines of {law, article, text}")
     s.add_argument("--all-statuses", action="store_true", help="also repealed and superseded articles")
+    s.add_argument("--encoder", default=None, help="a sentence-transformers / HF encoder dir: add the article vectors "
+                   "(dense retrieval; an existing OUT keeps its articles and resumes)")
+    s.add_argument("--rebuild", action="store_true", help="with --encoder: rebuild the articles of an existing OUT too")
+    s.add_argument("--rebuild-vectors", action="store_true", help="drop vectors of another encoder first")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("index-export", help="a `lawchat index` file -> bulk NDJSON for OpenSearch/Elasticsearch")
@@ -157,6 +177,7 @@ def add_commands(sub) -> None:
     s.add_argument("--k", type=int, default=5)
     s.add_argument("--json", action="store_true", help="a JSON list of {law, article, score, text}")
     s.add_argument("--no-expand", action="store_true", help="plain BM25: no everyday-word -> statute-word expansion")
+    s.add_argument("--encoder", default=None, help="the encoder dir whose vectors the index holds: fused dense ranking")
     s.set_defaults(func=cmd_retrieve)
 
     s = sub.add_parser("kb", help="add documents to (or delete them from) the retrieval index, live in a running server")
@@ -170,6 +191,8 @@ def add_commands(sub) -> None:
             k.add_argument("ids", nargs="+")
         k.add_argument("--server", default=None, help="HOST:PORT of a running lawchat server (AdminService)")
         k.add_argument("--index", default=None, help="or write an index file directly (no server using it)")
+        if name == "add":
+            k.add_argument("--encoder", default=None, help="with --index holding vectors: the encoder that made them")
         k.add_argument("--api-key", default=None, help="a key with the admin scope (default: $LAWCHAT_API_KEY)")
         k.add_argument("--timeout", type=float, default=60.0)
         k.set_defaults(func=cmd_kb)

@@ -2,7 +2,8 @@
 DeleteDocuments, `lawchat kb`).
 
 A user's own articles, firm memos or FAQs go into the same SQLite index as the statutes (`lawchat index`): one
-transaction per request writes the article row, its FTS5 row, its id in `documents` and a new `kb_version`, so a
+transaction per request writes the article row, its FTS5 row, its vector (when the index has vectors: the
+encoder embeds the documents before the write lock), its id in `documents` and a new `kb_version`, so a
 request is searchable by the next query once it returns, survives a restart, and a crash mid-write (kill -9) leaves
 the index as it was before the request (SQLite's rollback journal). Rows are validated before anything is written:
 one bad row refuses the whole request, with a reason per row.
@@ -132,24 +133,52 @@ def _remove(con: sqlite3.Connection, doc_id: str) -> bool:
         return False
     con.execute("DELETE FROM articles WHERE id = ?", row)
     con.execute("DELETE FROM articles_fts WHERE rowid = ?", row)
+    if _has_vectors(con):
+        con.execute("DELETE FROM vectors WHERE id = ?", row)
     con.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
     return True
 
 
-def add_documents(index: str | Path, docs: list[Document]) -> Change:
-    """Validate, then write every document in one transaction (an existing id is replaced)."""
-    from .retrieval import index_tokens
+def _has_vectors(con: sqlite3.Connection) -> bool:
+    return con.execute("SELECT 1 FROM sqlite_master WHERE name = 'vectors'").fetchone() is not None
+
+
+def index_encoder(index: str | Path) -> dict | None:
+    """The encoder whose vectors the index holds ({name, dim, fingerprint}), or None (BM25 only)."""
+    con = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'encoder'").fetchone()
+    finally:
+        con.close()
+    return json.loads(row[0]) if row else None
+
+
+def add_documents(index: str | Path, docs: list[Document], encoder=None) -> Change:
+    """Validate, then write every document in one transaction (an existing id is replaced). An index with vectors
+    needs `encoder`, the one that made them (the server's retrieval.encoder; `lawchat kb add --encoder`)."""
+    from .encoder import check_encoder_meta, to_blob
+    from .retrieval import doc_text, index_tokens
     docs = validate(docs)
     rows = [(d, index_tokens(d.law), index_tokens(d.text)) for d in docs]     # jieba before the write lock
+    vecs = None
+    made_by = index_encoder(index)
+    if made_by is not None:
+        if encoder is None:
+            raise InvalidDocuments([f"this index holds vectors of encoder {made_by.get('name')!r}: documents must be "
+                                    "embedded by it (the server's retrieval.encoder, or `lawchat kb add --encoder DIR`)"])
+        check_encoder_meta({"encoder": made_by}, encoder, str(index))
+        vecs = encoder.encode([doc_text(d.law, d.text) for d in docs])                 # before the write lock too
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with _write(index) as con:
         change = Change()
-        for d, law_tokens, tokens in rows:
+        for n, (d, law_tokens, tokens) in enumerate(rows):
             change.replaced += _remove(con, d.id)
             cur = con.execute("INSERT INTO articles (law, article, text, source) VALUES (?, ?, ?, ?)",
                               (d.law, d.article, d.text, "kb"))
             con.execute("INSERT INTO articles_fts (rowid, law_tokens, tokens) VALUES (?, ?, ?)",
                         (cur.lastrowid, law_tokens, tokens))
+            if vecs is not None:
+                con.execute("INSERT INTO vectors VALUES (?, ?)", (cur.lastrowid, to_blob(vecs[n])))
             con.execute("INSERT INTO documents VALUES (?, ?, ?)", (d.id, cur.lastrowid, now))
         change.added = len(rows) - change.replaced
         change.version, change.articles = _bump(con)

@@ -33,6 +33,8 @@ class Metrics:
                                                    "requests.", buckets=COUNT_BUCKETS, registry=r)
         self.retrieval_seconds = Histogram("lawchat_retrieval_seconds", "Time to find a request's articles (the "
                                            "search runs off the event loop).", buckets=TOKEN_BUCKETS, registry=r)
+        self.encoder_seconds = Histogram("lawchat_encoder_seconds", "Time the retrieval encoder took to embed a "
+                                         "question (or documents being added).", buckets=TOKEN_BUCKETS, registry=r)
         self.retrieval_failures = Counter("lawchat_retrieval_failures", "Requests refused because the retrieval "
                                           "backend (a search cluster) did not answer.", registry=r)
         self.running = Gauge("lawchat_requests_running", "Requests being generated now.", registry=r)

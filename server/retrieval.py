@@ -1,9 +1,18 @@
-"""retrieval: find the statute articles that govern a question — one SQLite file, FTS5 over jieba tokens, BM25.
+"""retrieval: find the statute articles that govern a question — one SQLite file, FTS5 over jieba tokens, BM25,
+and (with an encoder) article vectors searched with FAISS, the two rankings fused.
 
 `build_index` writes the index from laws.db (articles in force by default) and, optionally, a user's own corpus
-(JSONL lines of {law, article, text}: a firm's templates, local regulations). `Retriever.search` ranks articles
-by BM25; with `expand` the query's everyday words also look for their statute words (legal_terms.py: 工资 →
-劳动报酬, 狗 → 饲养的动物 ...), because people do not ask in the statute's words.
+(JSONL lines of {law, article, text}: a firm's templates, local regulations). `build_vectors` adds each article's
+vector from a sentence encoder (`lawchat index --encoder DIR`: batched, resumable). `Retriever.search` puts the
+articles a question names first (exact lookup), then ranks by BM25 — with `expand` the query's everyday words also
+look for their statute words (legal_terms.py: 工资 → 劳动报酬, 狗 → 饲养的动物 ...) — fused with the dense ranking
+when an encoder is configured: many everyday words (借条, 房东, 摔倒 ...) never occur in any article, and only
+meaning bridges them.
+
+Vectors live in the SQLite file (table `vectors`, float32 blobs): one transaction adds an article's row, its FTS5
+row and its vector (server/knowledge.py), so both rankings see a document at once and a crash leaves neither. FAISS
+(MIT; exact inner-product search, IndexFlatIP under an id map) holds them in memory for search and follows the
+file's `kb_version`. A distributed deployment uses the OpenSearch backend (retrieval_opensearch.py) instead.
 """
 from __future__ import annotations
 
@@ -42,6 +51,8 @@ class OpenSearchConfig:
 @dataclass
 class RetrievalConfig:
     index: str | None = None          # a file made by `lawchat index`; null = retrieval off (unless opensearch.url)
+    encoder: str | None = None        # a sentence-transformers / HF encoder dir: dense retrieval fused with BM25 (the
+                                      # index needs its vectors: `lawchat index FILE --encoder DIR`); null = BM25 only
     default_enabled: bool = False     # for requests that leave retrieval.enabled unset
     top_k: int = 3                    # articles per request when the request does not say
     max_context_tokens: int = 512     # prompt tokens the articles may take (the last one is cut to fit)
@@ -57,6 +68,8 @@ class RetrievalConfig:
             raise ValueError("retrieval.max_context_tokens must be >= 0")
         if self.index is not None and not Path(self.index).is_file():
             raise ValueError(f"retrieval.index: no such file: {self.index} (build it with `lawchat index`)")
+        if self.encoder is not None and self.index is None:
+            raise ValueError("retrieval.encoder needs retrieval.index (the file holding the article vectors)")
 
 
 class RetrievalUnavailable(RuntimeError):
@@ -88,15 +101,25 @@ def open_retriever(cfg: RetrievalConfig):
         except RetrievalUnavailable as e:
             raise ValueError(f"retrieval.opensearch: {e}") from None
         return retriever
-    return Retriever(cfg.index) if cfg.index else None
+    if not cfg.index:
+        return None
+    encoder = None
+    if cfg.encoder:
+        from .encoder import Encoder, EncoderError
+        try:
+            encoder = Encoder(cfg.encoder)
+        except EncoderError as e:
+            raise ValueError(str(e)) from None
+    return Retriever(cfg.index, encoder)
 
 
 @dataclass
 class Hit:
     law: str          # short name, e.g. 劳动合同法
     article: str      # 第三十条
-    score: float      # higher is better (negated BM25)
+    score: float      # higher is better (negated BM25; fused: the reciprocal-rank score)
     text: str
+    id: int = 0       # the article's row in the index
 
     @property
     def heading(self) -> str:
@@ -116,6 +139,12 @@ def find_laws_db() -> Path:
 
 REFERENCE = re.compile(r"([\u4e00-\u9fa5]{1,40}?(?:法|条例|规定|办法|法典))》?\s*第\s*([零〇一二三四五六七八九十百千\d]+)\s*条")
 REFERENCE_SCORE = 1000.0     # an article the question names outranks any BM25 match
+# Fusion of the BM25 and dense rankings: reciprocal rank fusion, sum of 1 / (RRF_K + rank) over the two lists of
+# FUSION_POOL candidates each, equal weights; the dense query is the question plus its statute words (the term
+# table). Chosen on the tuning set only (62 questions, m3e-small): recall@5 76% BM25, 74% dense, 82% dense + terms,
+# 85% fused (k 10-60 and dense weights 0.5-2 all within 79-87%: the conventional k = 60, weight 1 kept).
+RRF_K = 60
+FUSION_POOL = 50
 DIGITS = "零一二三四五六七八九"
 
 
@@ -219,6 +248,93 @@ def build_index(out: str | Path, laws_db: str | Path | None = None, corpus: str 
     return meta
 
 
+def doc_text(law: str, text: str) -> str:
+    """What an article's vector is computed from: its law's name, then its text."""
+    return f"《{law}》{text}"
+
+
+VECTORS_TABLE = "CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL)"
+VECTOR_BATCH = 256           # articles per encoder call and per commit (a resumed build loses at most one batch)
+
+
+def build_vectors(index: str | Path, encoder, rebuild: bool = False, progress: bool = True) -> dict:
+    """Add the vector of every article that has none (resumable: run it again after an interruption); with
+    `rebuild` first drop the vectors of another encoder. -> {"encoder", "added", "seconds"}."""
+    from .encoder import check_encoder_meta, to_blob
+    index = Path(index)
+    con = sqlite3.connect(index, timeout=30)
+    try:
+        con.execute(VECTORS_TABLE)
+        meta = dict(con.execute("SELECT key, value FROM meta WHERE key = 'encoder'").fetchall())
+        if meta and rebuild:
+            con.execute("DELETE FROM vectors")
+            con.execute("DELETE FROM meta WHERE key = 'encoder'")
+            meta = {}
+        if meta:
+            check_encoder_meta({"encoder": meta["encoder"]}, encoder, str(index))
+        else:
+            con.execute("INSERT INTO meta VALUES ('encoder', ?)", (json.dumps(encoder.describe()),))
+        con.commit()
+        todo = con.execute("SELECT a.id, a.law, a.text FROM articles a LEFT JOIN vectors v ON v.id = a.id "
+                           "WHERE v.id IS NULL ORDER BY a.id").fetchall()
+        t0 = time.perf_counter()
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), unit="article", desc=f"vectors ({encoder.name})")
+        for i in range(0, len(todo), VECTOR_BATCH):
+            batch = todo[i:i + VECTOR_BATCH]
+            vecs = encoder.encode([doc_text(law, text) for _, law, text in batch], batch_size=64)
+            con.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?)",
+                            [(row[0], to_blob(v)) for row, v in zip(batch, vecs)])
+            con.commit()
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        return {"encoder": encoder.describe(), "added": len(todo), "seconds": round(time.perf_counter() - t0, 1)}
+    finally:
+        con.close()
+
+
+class DenseIndex:
+    """The index's vectors in FAISS for exact inner-product search, kept in step with the file's kb_version."""
+
+    def __init__(self, encoder):
+        import faiss
+        self.encoder = encoder
+        self.faiss = faiss.IndexIDMap2(faiss.IndexFlatIP(encoder.dim))
+        self.ids: set[int] = set()
+        self.version = -1
+        self.lock = threading.Lock()
+
+    def sync(self, con: sqlite3.Connection, version: int) -> None:
+        """Add the vectors of articles added since, drop those of deleted ones (a full load the first time)."""
+        import numpy as np
+
+        from .encoder import from_blobs
+        with self.lock:
+            if version == self.version:
+                return
+            have = {i for (i,) in con.execute("SELECT id FROM vectors")}
+            gone, new = self.ids - have, sorted(have - self.ids)
+            if gone:
+                self.faiss.remove_ids(np.array(sorted(gone), dtype=np.int64))
+            for i in range(0, len(new), 4096):
+                part = new[i:i + 4096]
+                rows = con.execute(f"SELECT id, vec FROM vectors WHERE id IN ({','.join('?' * len(part))})",
+                                   part).fetchall()
+                self.faiss.add_with_ids(from_blobs([v for _, v in rows], self.encoder.dim),
+                                        np.array([r[0] for r in rows], dtype=np.int64))
+            self.ids, self.version = have, version
+
+    def search(self, vec, k: int) -> list[tuple[int, float]]:
+        """-> (article id, cosine) best first."""
+        with self.lock:
+            scores, ids = self.faiss.search(vec.reshape(1, -1), k)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+
 def fts_query(terms: list[tuple[str, float]]) -> str:
     """An FTS5 OR-query of quoted terms (quotes doubled), duplicates dropped."""
     seen, parts = set(), []
@@ -241,7 +357,7 @@ def recover(index: Path) -> None:
 
 
 class Retriever:
-    def __init__(self, index_path: str | Path):
+    def __init__(self, index_path: str | Path, encoder=None):
         self.path = Path(index_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no retrieval index at {self.path}; build one with `lawchat index`")
@@ -255,6 +371,21 @@ class Retriever:
             raise ValueError(f"{self.path} is not a lawchat retrieval index ({e})") from None
         if self.meta.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"{self.path}: index schema {self.meta.get('schema')}, expected {SCHEMA_VERSION}; rebuild")
+        self.encoder = encoder
+        self.dense: DenseIndex | None = None
+        if encoder is not None:
+            from .encoder import EncoderError, check_encoder_meta
+            try:
+                check_encoder_meta(self.meta, encoder, str(self.path))
+            except EncoderError as e:
+                raise ValueError(str(e)) from None
+            missing = self.con.execute("SELECT COUNT(*) FROM articles a LEFT JOIN vectors v ON v.id = a.id "
+                                       "WHERE v.id IS NULL").fetchone()[0]
+            if missing:
+                raise ValueError(f"{self.path}: {missing} articles have no vector yet (an interrupted build): resume "
+                                 f"with `lawchat index {self.path} --encoder {encoder.path}`")
+            self.dense = DenseIndex(encoder)
+            self.dense.sync(self.con, self.version())
 
     @property
     def con(self) -> sqlite3.Connection:
@@ -296,20 +427,52 @@ class Retriever:
             law = next((name for name in laws if name in self.laws), None)
             if law is None:
                 continue
-            row = self.con.execute("SELECT law, article, text FROM articles WHERE law = ? AND article = ? LIMIT 1",
+            row = self.con.execute("SELECT law, article, text, id FROM articles WHERE law = ? AND article = ? LIMIT 1",
                                    (law, article)).fetchone()
             if row and all((h.law, h.article) != row[:2] for h in hits):
-                hits.append(Hit(row[0], row[1], REFERENCE_SCORE, row[2]))
+                hits.append(Hit(row[0], row[1], REFERENCE_SCORE, row[2], row[3]))
         return hits
 
-    def search(self, question: str, k: int = 5, expand: bool = True, prior: bool = True) -> list[Hit]:
-        """Articles the question names come first (exact lookup); then BM25. expand: everyday words also searched
-        in the statutes' wording; prior: BM25's best PRIOR_POOL re-ranked with the law-level prior
-        (legal_terms.LAW_PRIOR). Both off = plain BM25 (after the exact references)."""
+    def search(self, question: str, k: int = 5, expand: bool = True, prior: bool = True,
+               dense: bool = True) -> list[Hit]:
+        """Articles the question names come first (exact lookup); then BM25, fused with the dense ranking when the
+        retriever has an encoder (and `dense`). expand: everyday words also searched in the statutes' wording;
+        prior: BM25's best PRIOR_POOL re-ranked with the law-level prior (legal_terms.LAW_PRIOR). All off = plain
+        BM25 (after the exact references)."""
         named = self.referenced(question)
         if len(named) >= k:
             return named[:k]
-        return named_first(named, self._rank(question, k + len(named), expand, prior), k)
+        if self.dense is None or not dense:
+            return named_first(named, self._rank(question, k + len(named), expand, prior), k)
+        lexical = self._rank(question, max(FUSION_POOL, k + len(named)), expand, prior)
+        return named_first(named, self._fuse(lexical, self._dense(question, max(FUSION_POOL, k + len(named)))), k)
+
+    def _dense(self, question: str, pool: int) -> list[tuple[int, float]]:
+        """-> (article id, cosine) of the pool nearest articles to the question and its statute words."""
+        from .legal_terms import expand_terms
+        self.dense.sync(self.con, self.version())
+        query = " ".join([question, *dict.fromkeys(t for t, _ in expand_terms(question))])
+        return self.dense.search(self.encoder.encode([query])[0], pool)
+
+    def _fuse(self, lexical: list[Hit], dense: list[tuple[int, float]]) -> list[Hit]:
+        """Reciprocal rank fusion of the two rankings (RRF_K, equal weights)."""
+        score: dict[int, float] = {}
+        for rank, i in enumerate([h.id for h in lexical]):
+            score[i] = score.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
+        for rank, (i, _) in enumerate(dense):
+            score[i] = score.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
+        known = {h.id: h for h in lexical}
+        rest = [i for i in score if i not in known]
+        if rest:
+            rows = self.con.execute(f"SELECT law, article, text, id FROM articles WHERE id IN ({','.join('?' * len(rest))})",
+                                    rest).fetchall()
+            known.update({r[3]: Hit(r[0], r[1], 0.0, r[2], r[3]) for r in rows})
+        out = []
+        for i in sorted(score, key=lambda i: -score[i]):
+            if i in known:                     # an id deleted between the two reads is skipped
+                h = known[i]
+                out.append(Hit(h.law, h.article, round(score[i] * 1000, 3), h.text, h.id))
+        return out
 
     def _rank(self, question: str, k: int, expand: bool, prior: bool) -> list[Hit]:
         from .legal_terms import LAW_PRIOR, PRIOR_POOL, PRIOR_SMOOTHING, PRIOR_WEIGHT
@@ -317,10 +480,10 @@ class Retriever:
         if not terms:
             return []
         rows = self.con.execute(
-            "SELECT a.law, a.article, bm25(articles_fts, 2.0, 1.0) AS s, a.text FROM articles_fts "
+            "SELECT a.law, a.article, bm25(articles_fts, 2.0, 1.0) AS s, a.text, a.id FROM articles_fts "
             "JOIN articles a ON a.id = articles_fts.rowid WHERE articles_fts MATCH ? ORDER BY s LIMIT ?",
             (fts_query(terms), max(k, PRIOR_POOL) if prior else k)).fetchall()
-        hits = [Hit(law, article, round(-s, 4), text) for law, article, s, text in rows]
+        hits = [Hit(law, article, round(-s, 4), text, i) for law, article, s, text, i in rows]
         if prior:
             total = sum(LAW_PRIOR.values()) + PRIOR_SMOOTHING
             for h in hits:

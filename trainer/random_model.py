@@ -64,6 +64,24 @@ def make_random_adapter(base: Path, out: Path, targets: list[str], r: int, seed:
     return Path(out)
 
 
+def make_tiny_encoder(out: Path, texts: list[str], hidden: int = 32, seed: int = 0) -> Path:
+    """A random one-layer BERT over the characters of `texts`, saved as an HF encoder dir (sentence-transformers loads
+    it with mean pooling): texts sharing characters get nearby vectors — enough to test dense retrieval's mechanics."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n",
+                                   encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=False, tokenize_chinese_chars=True)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(chars) + 5, hidden_size=hidden, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
