@@ -129,6 +129,24 @@ def test_prefix_cache_hits_return_the_same_tokens(glm_model):
     assert [o.token_ids for o in again] == ref
 
 
+def test_a_burst_sharing_a_prompt_prefix_computes_it_once(glm_model):
+    """Six requests with one 70-token system prompt arrive together: the first computes the prefix, the others wait
+    a step for its blocks and take them from the cache (before, all six computed it side by side) — same tokens."""
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(10, 1400, (70,), generator=g).tolist()     # 4 full blocks
+    prompts = [system + torch.randint(10, 1400, (k,), generator=g).tolist() for k in (3, 6, 9, 12, 15, 18)]
+    engine = started(glm_model)
+    try:
+        out = run_engine(engine, [GenerationRequest(p, GREEDY, 10, ignore_eos=True) for p in prompts])
+        st = engine.stats()
+        deferrals = engine.blocks.deferrals
+    finally:
+        engine.stop()
+    assert st.prefix_cache_hits >= 5 * 64 and deferrals >= 1
+    assert not engine.blocks.inflight                                   # every in-flight mark was cleared
+    assert [o.token_ids for o in out] == hf_greedy(glm_model, prompts, [10] * 6)
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(glm_model):
     prompts, _ = prompts_and_lens(6, seed=4)
     p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)

@@ -5,7 +5,10 @@ registered under a hash chained over every token before it, so a later prompt wi
 prompt, a repeated conversation) reuses the block instead of recomputing it. The hash is keyed BLAKE2b (a
 secret key per process) over the parent block's digest and the block's token ids: Python's `hash()` of a tuple
 can be made to collide, and a collision would hand one user's cached prefix to another (vLLM's
-CVE-2025-25183). A sequence on a LoRA adapter salts its chain with the adapter's load id: the same tokens under
+CVE-2025-25183). Blocks a running sequence is still computing are known by their hash too (`inflight`): a
+newcomer whose next uncached block is among them waits a step and then takes it from the cache, instead of
+computing the same prefix again beside it (a burst of requests with one system prompt computes it once).
+A sequence on a LoRA adapter salts its chain with the adapter's load id: the same tokens under
 another adapter (or another load of it) have other K/V and never share blocks. Freed blocks keep their hash
 and content until they are handed out again (least recently freed first), so a prefix survives its request.
 """
@@ -47,6 +50,8 @@ class BlockManager:
         self.prefix_caching = enable_prefix_caching
         self.prefix_queries = 0     # prompt tokens looked up
         self.prefix_hits = 0        # of those, found in the cache
+        self.inflight: dict[bytes, int] = {}   # hash of a full block a running sequence is computing -> its seq_id
+        self.deferrals = 0          # newcomers that waited a step for a block being computed
 
     # -- capacity --------------------------------------------------------------------------------
     @property
@@ -74,6 +79,18 @@ class BlockManager:
         block.hash, block.token_ids, block.ref_count = None, (), 1
         return block
 
+    def block_hashes(self, seq: Sequence) -> list[bytes]:
+        """Chain hashes of seq's full blocks that admission may look up (all but a last token), cached on seq."""
+        limit = (len(seq) - 1) // self.block_size
+        cached = seq.block_hashes
+        if cached is None or cached[0] != len(seq):
+            bs, prev, hashes = self.block_size, seq.cache_salt, []
+            for i in range(limit):
+                prev = chain_hash(prev, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+                hashes.append(prev)
+            cached = seq.block_hashes = (len(seq), hashes)
+        return cached[1]
+
     def match_prefix(self, seq: Sequence) -> int:
         """Admission: share cached blocks of seq's leading full blocks; -> tokens found.
 
@@ -82,10 +99,9 @@ class BlockManager:
         if not self.prefix_caching or seq.block_table:
             return 0
         bs, prev, hits = self.block_size, seq.cache_salt, 0
-        limit = (len(seq) - 1) // bs
-        for i in range(limit):
+        hashes = self.block_hashes(seq)
+        for i, h in enumerate(hashes):
             ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(prev, ids)
             block_id = self.by_hash.get(h)
             if block_id is None or self.blocks[block_id].token_ids != ids:
                 break
@@ -98,6 +114,26 @@ class BlockManager:
         seq.hashed_blocks, seq.last_hash = hits // bs, prev if hits else None
         seq.num_computed = hits
         return hits
+
+    def next_block_inflight(self, seq: Sequence) -> bool:
+        """After match_prefix: is seq's first uncached block being computed by a running sequence right now?"""
+        if not self.prefix_caching:
+            return False
+        hashes = self.block_hashes(seq)
+        i = seq.num_computed // self.block_size
+        return i < len(hashes) and hashes[i] in self.inflight
+
+    def mark_inflight(self, seq: Sequence) -> None:
+        """seq was admitted: the full blocks it will compute are in flight until registered (or it is released)."""
+        if self.prefix_caching:
+            for h in self.block_hashes(seq)[seq.num_computed // self.block_size:]:
+                self.inflight.setdefault(h, seq.seq_id)
+
+    def _clear_inflight(self, seq: Sequence) -> None:
+        if self.inflight and seq.block_hashes is not None:
+            for h in seq.block_hashes[1]:
+                if self.inflight.get(h) == seq.seq_id:
+                    del self.inflight[h]
 
     def record_admission(self, seq: Sequence) -> None:
         """Count a first admission's prompt tokens and how many of them the prefix cache had."""
@@ -130,6 +166,7 @@ class BlockManager:
 
     def release(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody uses go back to the free list (hash kept for reuse)."""
+        self._clear_inflight(seq)
         for block_id in reversed(seq.block_table):   # tail first: it is evicted before the shared head
             block = self.blocks[block_id]
             block.ref_count -= 1

@@ -119,6 +119,11 @@ class Scheduler:
             if self.adapters is not None and not self.adapters.acquire(seq.adapter):
                 break                                 # every adapter slot is in use: wait for one
             bm.match_prefix(seq)
+            if bm.next_block_inflight(seq):           # a running sequence is computing this prefix: take it from
+                bm.release(seq)                       # the cache next step instead of computing it twice
+                self._release_adapter(seq)
+                bm.deferrals += 1
+                break
             n = self._fit(seq, min(seq.num_pending, budget), reserve=watermark)
             if n == 0:
                 bm.release(seq)
@@ -126,6 +131,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             bm.record_admission(seq)
+            bm.mark_inflight(seq)
             bm.allocate(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
             if seq.queue_seconds is None:

@@ -34,6 +34,7 @@ class Sequence:
         self.num_computed = 0                 # tokens whose K/V are in the cache
         self.hashed_blocks = 0                # leading blocks registered in the prefix cache
         self.last_hash: bytes | None = None   # digest of the last of those
+        self.block_hashes: tuple[int, list[bytes]] | None = None   # (length hashed, full-block chain hashes): cache
         self.finish_reason: str | None = None
         self.aborted = False                  # set outside the engine thread (client gone, deadline, stop
                                               # sequence matched): the engine drops it at its next step
