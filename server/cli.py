@@ -41,7 +41,8 @@ def cmd_retrieve(a) -> int:
     from .retrieval import Retriever
     hits = Retriever(a.index, _encoder(a.encoder)).search(a.question, a.k, expand=not a.no_expand)
     if a.json:
-        print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
+        print(json.dumps([{"law": h.law, "article": h.article, "score": h.score, "text": h.text} for h in hits],
+                         ensure_ascii=False, indent=2))
     else:
         for i, h in enumerate(hits, 1):
             print(f"{i}. 《{h.law}》{h.article}  (score {h.score:.2f})\n   {h.text}")
