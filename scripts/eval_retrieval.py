@@ -6,7 +6,8 @@ laws.db): recall@1 / @5 / @10 and latency per variant, on the tuning set and on 
 trainer/data/retrieval_questions.jsonl (62) is the tuning set: the term table, the law prior and the fusion were
 chosen on it. retrieval_questions_heldout.jsonl (102) was never used to choose anything: its first 47 questions were
 written after the term table, the other 55 before the dense retrieval was built. With --encoder the dense and
-fused variants run too (the index gets the encoder's vectors first if it lacks them: minutes on a CPU).
+fused variants run too (the index gets the encoder's vectors first if it lacks them: minutes on a CPU); with
+--reranker the served ranking re-scored by the cross-encoder too.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", type=Path, default=Path("/tmp/lawchat_laws_index.sqlite"))
     ap.add_argument("--encoder", type=Path, default=None, help="an encoder dir: dense and fused variants too")
+    ap.add_argument("--reranker", type=Path, default=None, help="a cross-encoder dir: the second stage's variant too")
     ap.add_argument("--sets", default="tuning,held-out")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes over the questions (latency quantiles)")
     ap.add_argument("--show-misses", action="store_true")
@@ -44,7 +46,16 @@ def main() -> None:
         encoder = Encoder(a.encoder)
         build_vectors(a.index, encoder)                  # no-op when the index has them all
         variants.update(DENSE_VARIANTS)
-    ret = Retriever(a.index, encoder)
+    reranker = None
+    if a.reranker is not None:
+        from lawchat_server.encoder import Reranker
+        reranker = Reranker(a.reranker)
+        for kw in variants.values():
+            if isinstance(kw, dict):
+                kw["rerank"] = False
+        variants["the served ranking, re-scored by the cross-encoder (served with a reranker)"] = {
+            "expand": True, "prior": True, "rerank": True}
+    ret = Retriever(a.index, encoder, reranker)
     print(f"index of {ret.meta['articles']} articles" + (f"; encoder {encoder.name} ({encoder.dim} dims)" if encoder
                                                          else ""))
     for set_name in a.sets.split(","):

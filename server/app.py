@@ -94,6 +94,8 @@ def build_app(cfg: ServerConfig, slot: EngineSlot, clock=time.monotonic) -> App:
     retriever = open_retriever(cfg.retrieval)
     if getattr(retriever, "encoder", None) is not None:
         retriever.encoder.observe = metrics.encoder_seconds.observe
+    if getattr(retriever, "reranker", None) is not None:
+        retriever.reranker.observe = metrics.reranker_seconds.observe
     chat = ChatService(slot, cfg, metrics, limiter, breaker, keys, retriever)
 
     async def on_drain():          # `app` is bound below, before any RPC can call this

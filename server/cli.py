@@ -39,7 +39,11 @@ def _encoder(path: str | None):
 
 def cmd_retrieve(a) -> int:
     from .retrieval import Retriever
-    hits = Retriever(a.index, _encoder(a.encoder)).search(a.question, a.k, expand=not a.no_expand)
+    reranker = None
+    if a.reranker:
+        from .encoder import Reranker
+        reranker = Reranker(a.reranker)
+    hits = Retriever(a.index, _encoder(a.encoder), reranker).search(a.question, a.k, expand=not a.no_expand)
     if a.json:
         print(json.dumps([{"law": h.law, "article": h.article, "score": h.score, "text": h.text} for h in hits],
                          ensure_ascii=False, indent=2))
@@ -179,6 +183,7 @@ def add_commands(sub) -> None:
     s.add_argument("--json", action="store_true", help="a JSON list of {law, article, score, text}")
     s.add_argument("--no-expand", action="store_true", help="plain BM25: no everyday-word -> statute-word expansion")
     s.add_argument("--encoder", default=None, help="the encoder dir whose vectors the index holds: fused dense ranking")
+    s.add_argument("--reranker", default=None, help="a cross-encoder dir: re-score the first candidates")
     s.set_defaults(func=cmd_retrieve)
 
     s = sub.add_parser("kb", help="add documents to (or delete them from) the retrieval index, live in a running server")

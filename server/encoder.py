@@ -1,5 +1,6 @@
-"""encoder: sentence embeddings for dense retrieval — any sentence-transformers or HF encoder directory on disk
-(`retrieval.encoder`: bge-small-zh-v1.5, bge-m3, text2vec ..., what an air-gapped server has).
+"""encoder: the retrieval models — sentence embeddings for dense retrieval, any sentence-transformers or HF encoder
+directory on disk (`retrieval.encoder`: bge-small-zh-v1.5, bge-m3, text2vec ..., what an air-gapped server has), and
+a cross-encoder that re-scores the top candidates (`retrieval.reranker`: bge-reranker-base, ...).
 
 sentence-transformers loads it as designed: a dir with modules.json gets its own pooling and normalisation; a plain
 HF encoder dir gets mean pooling. Vectors come back L2-normalised float32, so inner product is cosine similarity.
@@ -64,6 +65,32 @@ class Encoder:
         if self.observe is not None:
             self.observe(time.perf_counter() - t0)
         return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+class Reranker:
+    """A cross-encoder dir (sentence-transformers CrossEncoder): one relevance score per (question, article) pair."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise EncoderError(f"retrieval.reranker: {self.path} is not a cross-encoder directory (no config.json)")
+        try:
+            from sentence_transformers import CrossEncoder
+        except ImportError:
+            raise EncoderError("retrieval.reranker needs sentence-transformers: pip install 'lawchat[dense]'") from None
+        try:
+            self.model = CrossEncoder(str(self.path), device=device, local_files_only=True, max_length=MAX_SEQ_TOKENS * 2)
+        except (OSError, ValueError) as e:
+            raise EncoderError(f"retrieval.reranker: cannot load {self.path}: {e}") from None
+        self.name = self.path.name
+        self.observe: Callable[[float], None] | None = None     # the server's reranker latency histogram
+
+    def score(self, question: str, texts: list[str]) -> list[float]:
+        t0 = time.perf_counter()
+        scores = self.model.predict([(question, t) for t in texts], batch_size=32, show_progress_bar=False)
+        if self.observe is not None:
+            self.observe(time.perf_counter() - t0)
+        return [float(s) for s in np.asarray(scores).reshape(-1)]
 
 
 def to_blob(vec: np.ndarray) -> bytes:

@@ -35,6 +35,8 @@ class Metrics:
                                            "search runs off the event loop).", buckets=TOKEN_BUCKETS, registry=r)
         self.encoder_seconds = Histogram("lawchat_encoder_seconds", "Time the retrieval encoder took to embed a "
                                          "question (or documents being added).", buckets=TOKEN_BUCKETS, registry=r)
+        self.reranker_seconds = Histogram("lawchat_reranker_seconds", "Time the retrieval cross-encoder took to "
+                                          "re-score a question's candidates.", buckets=TOKEN_BUCKETS, registry=r)
         self.retrieval_failures = Counter("lawchat_retrieval_failures", "Requests refused because the retrieval "
                                           "backend (a search cluster) did not answer.", registry=r)
         self.running = Gauge("lawchat_requests_running", "Requests being generated now.", registry=r)

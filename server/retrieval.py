@@ -53,6 +53,7 @@ class RetrievalConfig:
     index: str | None = None          # a file made by `lawchat index`; null = retrieval off (unless opensearch.url)
     encoder: str | None = None        # a sentence-transformers / HF encoder dir: dense retrieval fused with BM25 (the
                                       # index needs its vectors: `lawchat index FILE --encoder DIR`); null = BM25 only
+    reranker: str | None = None       # a cross-encoder dir: re-scores the first RERANK_POOL candidates (second stage)
     default_enabled: bool = False     # for requests that leave retrieval.enabled unset
     top_k: int = 3                    # articles per request when the request does not say
     max_context_tokens: int = 512     # prompt tokens the articles may take (the last one is cut to fit)
@@ -70,6 +71,8 @@ class RetrievalConfig:
             raise ValueError(f"retrieval.index: no such file: {self.index} (build it with `lawchat index`)")
         if self.encoder is not None and self.index is None:
             raise ValueError("retrieval.encoder needs retrieval.index (the file holding the article vectors)")
+        if self.reranker is not None and self.index is None:
+            raise ValueError("retrieval.reranker needs retrieval.index (the embedded index)")
 
 
 class RetrievalUnavailable(RuntimeError):
@@ -103,14 +106,13 @@ def open_retriever(cfg: RetrievalConfig):
         return retriever
     if not cfg.index:
         return None
-    encoder = None
-    if cfg.encoder:
-        from .encoder import Encoder, EncoderError
-        try:
-            encoder = Encoder(cfg.encoder)
-        except EncoderError as e:
-            raise ValueError(str(e)) from None
-    return Retriever(cfg.index, encoder)
+    from .encoder import Encoder, EncoderError, Reranker
+    try:
+        encoder = Encoder(cfg.encoder) if cfg.encoder else None
+        reranker = Reranker(cfg.reranker) if cfg.reranker else None
+    except EncoderError as e:
+        raise ValueError(str(e)) from None
+    return Retriever(cfg.index, encoder, reranker)
 
 
 @dataclass
@@ -145,6 +147,7 @@ REFERENCE_SCORE = 1000.0     # an article the question names outranks any BM25 m
 # 85% fused (k 10-60 and dense weights 0.5-2 all within 79-87%: the conventional k = 60, weight 1 kept).
 RRF_K = 60
 FUSION_POOL = 50
+RERANK_POOL = 20             # candidates the cross-encoder re-scores (its cost grows with each)
 DIGITS = "零一二三四五六七八九"
 
 
@@ -357,8 +360,9 @@ def recover(index: Path) -> None:
 
 
 class Retriever:
-    def __init__(self, index_path: str | Path, encoder=None):
+    def __init__(self, index_path: str | Path, encoder=None, reranker=None):
         self.path = Path(index_path)
+        self.reranker = reranker
         if not self.path.is_file():
             raise FileNotFoundError(f"no retrieval index at {self.path}; build one with `lawchat index`")
         self._local = threading.local()          # one read-only connection per thread (servers search from many)
@@ -434,18 +438,32 @@ class Retriever:
         return hits
 
     def search(self, question: str, k: int = 5, expand: bool = True, prior: bool = True,
-               dense: bool = True) -> list[Hit]:
+               dense: bool = True, rerank: bool = True) -> list[Hit]:
         """Articles the question names come first (exact lookup); then BM25, fused with the dense ranking when the
-        retriever has an encoder (and `dense`). expand: everyday words also searched in the statutes' wording;
-        prior: BM25's best PRIOR_POOL re-ranked with the law-level prior (legal_terms.LAW_PRIOR). All off = plain
-        BM25 (after the exact references)."""
+        retriever has an encoder (and `dense`), the first RERANK_POOL re-scored by the cross-encoder when it has one
+        (and `rerank`). expand: everyday words also searched in the statutes' wording; prior: BM25's best PRIOR_POOL
+        re-ranked with the law-level prior (legal_terms.LAW_PRIOR). All off = plain BM25 (after the references)."""
         named = self.referenced(question)
         if len(named) >= k:
             return named[:k]
+        reranking = self.reranker is not None and rerank
+        pool = max(RERANK_POOL, k + len(named)) if reranking else k + len(named)
         if self.dense is None or not dense:
-            return named_first(named, self._rank(question, k + len(named), expand, prior), k)
-        lexical = self._rank(question, max(FUSION_POOL, k + len(named)), expand, prior)
-        return named_first(named, self._fuse(lexical, self._dense(question, max(FUSION_POOL, k + len(named)))), k)
+            ranked = self._rank(question, pool, expand, prior)
+        else:
+            lexical = self._rank(question, max(FUSION_POOL, pool), expand, prior)
+            ranked = self._fuse(lexical, self._dense(question, max(FUSION_POOL, pool)))
+        if reranking:
+            ranked = self._rerank(question, ranked[:pool])
+        return named_first(named, ranked, k)
+
+    def _rerank(self, question: str, hits: list[Hit]) -> list[Hit]:
+        """The cross-encoder's order of the candidates (its score kept as the hit's score)."""
+        if not hits:
+            return hits
+        scores = self.reranker.score(question, [doc_text(h.law, h.text) for h in hits])
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])
+        return [Hit(hits[i].law, hits[i].article, round(scores[i], 4), hits[i].text, hits[i].id) for i in order]
 
     def _dense(self, question: str, pool: int) -> list[tuple[int, float]]:
         """-> (article id, cosine) of the pool nearest articles to the question and its statute words."""

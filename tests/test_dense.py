@@ -157,3 +157,25 @@ def test_a_writer_killed_mid_add_leaves_articles_and_vectors_as_they_were(index,
     con = sqlite3.connect(index)
     assert con.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == before == ret.dense.faiss.ntotal
     assert con.execute("SELECT COUNT(*) FROM articles").fetchone()[0] == before
+
+
+def test_a_cross_encoder_reorders_the_first_candidates_by_its_scores(index, encoders, tmp_path):
+    from lawchat_server.encoder import Encoder, Reranker
+    from lawchat_server.retrieval import doc_text
+    from lawchat_trainer.random_model import make_tiny_cross_encoder
+    ce_dir = make_tiny_cross_encoder(tmp_path / "ce", [t for *_, t in ARTICLES] + ["偷东西要坐牢吗《》"])
+    reranker = Reranker(ce_dir)
+    first = Retriever(index, Encoder(encoders[0]))
+    second = Retriever(index, Encoder(encoders[0]), reranker)
+    question = "偷东西要坐牢吗"
+    candidates = first.search(question, 20)
+    scores = reranker.score(question, [doc_text(h.law, h.text) for h in candidates])
+    want = [candidates[i].article for i in sorted(range(len(candidates)), key=lambda i: -scores[i])][:3]
+    got = second.search(question, 3)
+    assert [h.article for h in got] == want and got[0].score == round(max(scores), 4)
+    assert [h.article for h in second.search(question, 3, rerank=False)] == [h.article for h in candidates[:3]]
+    assert second.search("刑法第二百六十四条", 1)[0].article == "第二百六十四条"     # a named article stays first
+    assert open_retriever(RetrievalConfig(index=str(index), encoder=str(encoders[0]),
+                                          reranker=str(ce_dir))).reranker.name == "ce"
+    with pytest.raises(ValueError, match="not a cross-encoder directory"):
+        open_retriever(RetrievalConfig(index=str(index), reranker=str(tmp_path)))

@@ -82,6 +82,25 @@ def make_tiny_encoder(out: Path, texts: list[str], hidden: int = 32, seed: int =
     return out
 
 
+def make_tiny_cross_encoder(out: Path, texts: list[str], hidden: int = 32, seed: int = 0) -> Path:
+    """A random one-layer BERT with a one-logit head over the characters of `texts`, saved as an HF dir that
+    sentence-transformers loads as a CrossEncoder: the mechanics of a second stage, not its quality."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n",
+                                   encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=False, tokenize_chinese_chars=True)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(chars) + 5, hidden_size=hidden, num_labels=1,
+                                                     num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=2 * hidden, max_position_embeddings=512))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
