@@ -69,9 +69,10 @@ def expand_terms(question: str) -> list[tuple[str, float]]:
 # (trainer/data/retrieval_questions.jsonl, one count per law per question; tests/test_retrieval.py checks the two
 # agree). Everyday questions are about a few laws; BM25 alone ranks an article of 户口登记条例 or 监察法 as high as
 # one of 民法典 when the words match. Laws not listed get the smoothing mass only.
-LAW_PRIOR = {"民法典": 29, "劳动合同法": 16, "刑法": 6, "消费者权益保护法": 5, "劳动法": 4, "道路交通安全法": 3,
-             "老年人权益保障法": 2, "劳动争议调解仲裁法": 1, "妇女权益保障法": 1, "反家庭暴力法": 1, "未成年人保护法": 1,
-             "电子商务法": 1, "个人信息保护法": 1}
+LAW_PRIOR = {"民法典": 42, "劳动合同法": 18, "刑法": 7, "劳动法": 5, "消费者权益保护法": 5, "道路交通安全法": 4,
+             "老年人权益保障法": 3, "未成年人保护法": 2, "劳动争议调解仲裁法": 1, "妇女权益保障法": 1, "反家庭暴力法": 1,
+             "电子商务法": 1, "个人信息保护法": 1, "著作权法": 1, "公司法": 1, "保险法": 1, "广告法": 1, "行政复议法": 1,
+             "行政诉讼法": 1, "商标法": 1, "专利法": 1, "个人所得税法": 1, "反不正当竞争法": 1, "价格法": 1}
 PRIOR_WEIGHT = 2.0      # score = BM25 + PRIOR_WEIGHT * log((count + PRIOR_SMOOTHING) / (total + PRIOR_SMOOTHING))
 PRIOR_SMOOTHING = 0.5
 PRIOR_POOL = 50         # BM25 candidates re-ranked with the prior

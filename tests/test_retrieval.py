@@ -121,9 +121,9 @@ def test_law_prior_is_the_tuning_sets_governing_laws():
     assert len(held) >= 40 and not {it["question"] for it in held} & {it["question"] for it in tune}
 
 
-@pytest.mark.parametrize("name, floor", [("retrieval_questions.jsonl", 0.60), ("retrieval_questions_heldout.jsonl", 0.35)])
+@pytest.mark.parametrize("name, floor", [("retrieval_questions.jsonl", 0.55), ("retrieval_questions_heldout.jsonl", 0.40)])
 def test_recall_at_5_on_the_labelled_everyday_questions(real_index, name, floor):
-    """Floors well below the measured recall (76% tuning set, 45% held-out: scripts/eval_retrieval.py)."""
+    """Floors below the measured recall (64% tuning set of 92, 50% held-out of 102: scripts/eval_retrieval.py)."""
     path = Path(__file__).resolve().parent.parent / "trainer" / "data" / name
     items = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
     found = sum(bool({(g["law"], g["article"]) for g in it["governing"]} &
