@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -118,6 +119,12 @@ def test_adapters_that_do_not_fit_are_refused_with_the_reason(adapters, tmp_path
     from lawchat_server.engine.lora import AdapterError, LoraShape, read_adapter
     shape = LoraShape(num_layers=2, hidden=64, q=64, kv=32, inter=128, rank=8)     # the tiny demo's shape
     read_adapter("ok", adapters["a2"], shape, torch.float32)
+    cut = tmp_path / "cut"
+    shutil.copytree(adapters["a2"], cut)
+    data = (cut / "adapter_model.safetensors").read_bytes()
+    (cut / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])            # a copy cut short
+    with pytest.raises(AdapterError, match="not readable"):
+        read_adapter("x", cut, shape, torch.float32)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
     for path, words in ((adapters["other"], "trained on another base"), (adapters["r16"], "above engine.max_lora_rank"),
                         (tmp_path, "DoRA"), (tmp_path / "nope", "not a PEFT adapter directory")):

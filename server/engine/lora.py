@@ -129,7 +129,13 @@ def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dty
     if cfg.get("alpha_pattern") or cfg.get("modules_to_save"):
         raise AdapterError(f"{path}: alpha_pattern / modules_to_save cannot be served unmerged; merge it with "
                            "`lawchat merge`")
-    tensors = _read_tensors(path)
+    _check_ranks(path, shape.rank)       # before the weights are read: a huge adapter is refused from its header
+    try:
+        tensors = _read_tensors(path)
+    except AdapterError:
+        raise
+    except Exception as e:               # a corrupt .bin, an unreadable file
+        raise AdapterError(f"{path}: the adapter weights are not readable ({type(e).__name__}: {e})") from None
     alpha, rslora = float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -174,6 +180,25 @@ def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dty
     pin = torch.cuda.is_available()
     weights = {m: tuple(w.to(dtype).pin_memory() if pin else w.to(dtype) for w in ab) for m, ab in weights.items()}
     return Adapter(name, str(path), next(_uids), rank, targets, weights)
+
+
+def _check_ranks(path: Path, max_rank: int) -> None:
+    """The safetensors header's lora_A shapes against max_rank (nothing is loaded; .bin files are checked after)."""
+    st = path / "adapter_model.safetensors"
+    if not st.is_file():
+        return
+    from safetensors import safe_open
+    try:
+        with safe_open(str(st), "pt") as f:
+            for key in f.keys():
+                if key.endswith("lora_A.weight") and f.get_slice(key).get_shape()[0] > max_rank:
+                    r = f.get_slice(key).get_shape()[0]
+                    raise AdapterError(f"{path}: rank {r} is above engine.max_lora_rank {max_rank}; raise it (it "
+                                       "sizes the GPU pool)")
+    except AdapterError:
+        raise
+    except Exception as e:              # safetensors' own error for a cut or corrupt file
+        raise AdapterError(f"{path}: adapter_model.safetensors is not readable ({type(e).__name__}: {e})") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
