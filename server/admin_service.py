@@ -12,7 +12,7 @@ from lawchat.v1 import admin_pb2, admin_pb2_grpc
 from . import __version__
 from .breaker import Breaker
 from .engine.engine import EngineClosed
-from .engine.lora import BASE, NAME_RE, AdapterError
+from .engine.lora import AdapterError, name_problem
 from .engine_slot import EngineSlot, ReloadError
 from .knowledge import Document, InvalidDocuments, add_documents, delete_documents
 from .limiter import Limiter, LimitsConfig, Rate
@@ -171,9 +171,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; retry shortly")
 
     async def LoadAdapter(self, request, context) -> admin_pb2.LoadAdapterResponse:
-        if not NAME_RE.match(request.name) or request.name == BASE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"name: 1-64 letters, digits, '.', '_' or '-' "
-                                f"(not {BASE!r}), got {request.name[:80]!r}")
+        if name_problem(request.name):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, name_problem(request.name))
         if not request.path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: an adapter directory on the server's disk")
         engine = await self._engine(context)

@@ -67,25 +67,20 @@ def make_random_adapter(base: Path, out: Path, targets: list[str], r: int, seed:
 def make_tiny_encoder(out: Path, texts: list[str], hidden: int = 32, seed: int = 0) -> Path:
     """A random one-layer BERT over the characters of `texts`, saved as an HF encoder dir (sentence-transformers loads
     it with mean pooling): texts sharing characters get nearby vectors — enough to test dense retrieval's mechanics."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    chars = sorted({c for t in texts for c in t if not c.isspace()})
-    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n",
-                                   encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=False, tokenize_chinese_chars=True)
-    torch.manual_seed(seed)
-    model = BertModel(BertConfig(vocab_size=len(chars) + 5, hidden_size=hidden, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    from transformers import BertModel
+    return _save_tiny_bert(BertModel, out, texts, hidden, seed)
 
 
 def make_tiny_cross_encoder(out: Path, texts: list[str], hidden: int = 32, seed: int = 0) -> Path:
     """A random one-layer BERT with a one-logit head over the characters of `texts`, saved as an HF dir that
     sentence-transformers loads as a CrossEncoder: the mechanics of a second stage, not its quality."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertForSequenceClassification
+    return _save_tiny_bert(BertForSequenceClassification, out, texts, hidden, seed, num_labels=1)
+
+
+def _save_tiny_bert(model_class, out: Path, texts: list[str], hidden: int, seed: int, **config) -> Path:
+    """A random one-layer BERT of model_class whose vocabulary is the characters of `texts`, with its tokenizer."""
+    from transformers import BertConfig, BertTokenizerFast
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chars = sorted({c for t in texts for c in t if not c.isspace()})
@@ -93,9 +88,9 @@ def make_tiny_cross_encoder(out: Path, texts: list[str], hidden: int = 32, seed:
                                    encoding="utf-8")
     tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=False, tokenize_chinese_chars=True)
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(BertConfig(vocab_size=len(chars) + 5, hidden_size=hidden, num_labels=1,
-                                                     num_hidden_layers=1, num_attention_heads=2,
-                                                     intermediate_size=2 * hidden, max_position_embeddings=512))
+    model = model_class(BertConfig(vocab_size=len(chars) + 5, hidden_size=hidden, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
+                                   **config))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -154,12 +154,13 @@ class BlockManager:
         if not self.prefix_caching:
             return
         bs = self.block_size
+        known = seq.block_hashes[1] if seq.block_hashes is not None else []    # hashed at admission
         for i in range(seq.hashed_blocks, seq.num_computed // bs):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-                parent = seq.last_hash if i else seq.cache_salt
-                block.hash, block.token_ids = chain_hash(parent, ids), ids
+                h = known[i] if i < len(known) else chain_hash(seq.last_hash if i else seq.cache_salt, ids)
+                block.hash, block.token_ids = h, ids
                 self.by_hash.setdefault(block.hash, block.block_id)
             seq.last_hash = block.hash
             seq.hashed_blocks = i + 1

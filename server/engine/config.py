@@ -37,6 +37,15 @@ class EngineConfig:
                                             # and two kernels per layer in every decode step; null = those of the
                                             # configured adapters, or all when none is configured
 
+    def remember_adapter(self, name: str, path: str) -> None:
+        """An adapter loaded at run time: a restarted or reloaded engine serves it again."""
+        self.adapters[name] = str(path)
+
+    def forget_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        if self.default_adapter == name:
+            self.default_adapter = None
+
     @property
     def lora_slots(self) -> int:
         return self.max_loras if self.max_loras is not None else (4 if self.adapters else 0)

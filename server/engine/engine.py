@@ -305,7 +305,7 @@ class Engine:
         caller's thread, the engine thread only swaps the entry. -> its info; AdapterError when it does not fit."""
         adapter = self._read_adapter(name, path)
         self._in_loop(lambda: self.adapters.register(adapter))
-        self.config.adapters[name] = str(path)
+        self.config.remember_adapter(name, path)
         return adapter.info()
 
     def unload_adapter(self, name: str) -> bool:
@@ -313,9 +313,7 @@ class Engine:
         if self.adapters is None:
             return False
         gone = self._in_loop(lambda: self.adapters.unregister(name)) is not None
-        self.config.adapters.pop(name, None)
-        if self.config.default_adapter == name:
-            self.config.default_adapter = None
+        self.config.forget_adapter(name)
         return gone
 
     def list_adapters(self) -> list[dict]:

@@ -268,7 +268,7 @@ class EngineClient:
 
     def load_adapter(self, name: str, path: str) -> dict:
         info = self._admin("load_adapter", name, str(path))
-        self.config.adapters[name] = str(path)        # a restarted or reloaded engine serves it too
+        self.config.remember_adapter(name, path)      # this process's config starts the next engine process
         self._refresh_adapters()
         return info
 
@@ -278,9 +278,7 @@ class EngineClient:
 
     def unload_adapter(self, name: str) -> bool:
         gone = self._admin("unload_adapter", name)
-        self.config.adapters.pop(name, None)
-        if self.config.default_adapter == name:
-            self.config.default_adapter = None
+        self.config.forget_adapter(name)
         self._refresh_adapters()
         return gone
 

@@ -43,6 +43,13 @@ class AdapterError(ValueError):
     """The adapter cannot be served over this model; the message says why."""
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter, or None."""
+    if not NAME_RE.match(name or "") or name == BASE:
+        return f"adapter name {(name or '')[:80]!r}: use 1-64 letters, digits, '.', '_' or '-' (not {BASE!r})"
+    return None
+
+
 @dataclass
 class LoraShape:
     """The fused projections' sizes of the served model, and the pool's rank block."""
@@ -112,8 +119,8 @@ def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dty
                  modules: tuple[str, ...] = MODULES) -> Adapter:
     """A PEFT LoRA dir -> an Adapter in the fused layout (host memory, pinned when CUDA is there), or AdapterError.
     `modules`: the fused projections this server serves adapters on."""
-    if not NAME_RE.match(name or "") or name == BASE:
-        raise AdapterError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not {BASE!r})")
+    if name_problem(name):
+        raise AdapterError(name_problem(name))
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
@@ -166,8 +173,7 @@ def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dty
         if a.shape[1] != shape.in_features(module) or b.shape != (end - start, r):
             raise AdapterError(f"{path}: layer {layer} {hf} is A {tuple(a.shape)} B {tuple(b.shape)}; this model's "
                                f"{hf} maps {shape.in_features(module)} -> {end - start}: it was trained on another base")
-        if r > R:
-            raise AdapterError(f"{path}: rank {r} is above engine.max_lora_rank {R}; raise it (it sizes the GPU pool)")
+        _check_rank(path, r, R)
         rank = max(rank, r)
         if module not in weights:
             p = PIECES[module] * R
@@ -182,6 +188,11 @@ def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dty
     return Adapter(name, str(path), next(_uids), rank, targets, weights)
 
 
+def _check_rank(path: Path, r: int, max_rank: int) -> None:
+    if r > max_rank:
+        raise AdapterError(f"{path}: rank {r} is above engine.max_lora_rank {max_rank}; raise it (it sizes the GPU pool)")
+
+
 def _check_ranks(path: Path, max_rank: int) -> None:
     """The safetensors header's lora_A shapes against max_rank (nothing is loaded; .bin files are checked after)."""
     st = path / "adapter_model.safetensors"
@@ -191,10 +202,8 @@ def _check_ranks(path: Path, max_rank: int) -> None:
     try:
         with safe_open(str(st), "pt") as f:
             for key in f.keys():
-                if key.endswith("lora_A.weight") and f.get_slice(key).get_shape()[0] > max_rank:
-                    r = f.get_slice(key).get_shape()[0]
-                    raise AdapterError(f"{path}: rank {r} is above engine.max_lora_rank {max_rank}; raise it (it "
-                                       "sizes the GPU pool)")
+                if key.endswith("lora_A.weight"):
+                    _check_rank(path, f.get_slice(key).get_shape()[0], max_rank)
     except AdapterError:
         raise
     except Exception as e:              # safetensors' own error for a cut or corrupt file

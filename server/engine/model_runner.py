@@ -113,7 +113,7 @@ class BaseRunner:
         self.graph_batch_sizes: list[int] = []
         self.overlap = False            # launch() may return before the step is done (fast path only)
         self.rerunnable = False         # a failed step may be launched again, in parts (the engine isolates it)
-        self.lora = None                # the adapter pool (fast path, engine.max_loras > 0)
+        self.lora: LoraPool | None = None   # the adapter pool (fast path, engine.max_loras > 0)
 
     def execute(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[list[Sequence], list[int]]:
         """launch() and wait for the sampled ids."""
@@ -188,8 +188,7 @@ class FastRunner(BaseRunner):
         if device.type == "cuda" and config.fused_ops:
             from . import triton_ops
             self.model.fused = triton_ops
-        self.lora: LoraPool | None = None       # adapter slots (engine.max_loras), before the KV cache takes the rest
-        if config.lora_slots:
+        if config.lora_slots:             # adapter slots (engine.max_loras), before the KV cache takes the rest
             shape = LoraShape(s.num_layers, s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
                               self.model.layers[0].gate_up_w.shape[0] // 2, config.max_lora_rank)
             self.lora = LoraPool(shape, config.lora_slots, self.dtype, device, served_modules(config))
