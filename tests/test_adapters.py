@@ -125,6 +125,10 @@ def test_adapters_that_do_not_fit_are_refused_with_the_reason(adapters, tmp_path
     (cut / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])            # a copy cut short
     with pytest.raises(AdapterError, match="not readable"):
         read_adapter("x", cut, shape, torch.float32)
+    (tmp_path / "listcfg").mkdir()
+    (tmp_path / "listcfg" / "adapter_config.json").write_text("[1, 2]")          # JSON, but not a config
+    with pytest.raises(AdapterError, match="not a JSON object"):
+        read_adapter("x", tmp_path / "listcfg", shape, torch.float32)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
     for path, words in ((adapters["other"], "trained on another base"), (adapters["r16"], "above engine.max_lora_rank"),
                         (tmp_path, "DoRA"), (tmp_path / "nope", "not a PEFT adapter directory")):
@@ -247,3 +251,41 @@ def test_the_prefix_cache_keeps_the_same_tokens_apart_per_adapter_load():
         seq = Sequence(ids, SamplingParams(), 4, 0, adapter=adapter)
         assert bm.match_prefix(seq) == hits, adapter
         bm.release(seq)
+
+
+def test_an_adapter_loaded_at_run_time_survives_an_engine_restart(adapters, tmp_path):
+    """kill -9 of the engine process mid-stream: the stream ends UNAVAILABLE, the supervisor's new engine serves the
+    configured adapter and the one loaded at run time again, with the same answers."""
+    import os
+    import signal
+    import time
+
+    from test_server import engine_child
+    srv = start_server(adapters["base"], tmp_path / "server.log", "--adapter", f"a1={adapters['a1']}", "--set",
+                       "engine.lora_target_modules=[q_proj, k_proj, v_proj, o_proj, gate_up_proj, down_proj]",
+                       "--set", "restart.backoff_seconds=0.5")
+    try:
+        with LawchatClient(srv.target, retry=NO_RETRY, timeout=60) as c:
+            c.load_adapter("a2", str(adapters["a2"]))
+            before = c.chat(chat(QUESTIONS[1]), adapter="a2", temperature=0.0, max_new_tokens=N).text
+            stream = c.chat_stream(chat(QUESTIONS[1]), adapter="a2", max_new_tokens=400, ignore_eos=True)
+            parts = iter(stream)
+            next(parts)
+            os.kill(engine_child(srv), signal.SIGKILL)
+            with pytest.raises(LawchatError) as e:
+                "".join(parts)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    answer = c.chat(chat(QUESTIONS[1]), adapter="a2", temperature=0.0, max_new_tokens=N)
+                    if not answer.degraded:
+                        break
+                except LawchatError as err:        # while the engine restarts; anything else is a failure
+                    if err.code != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                assert time.monotonic() < deadline, "the engine did not come back"
+                time.sleep(0.5)
+            assert answer.text == before and {a["name"] for a in c.list_adapters()} == {"a1", "a2"}
+    finally:
+        srv.stop()

@@ -125,7 +125,12 @@ def read_adapter(name: str, path: str | Path, shape: LoraShape, dtype: torch.dty
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise AdapterError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AdapterError(f"{cfg_file} is not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_file} is not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are served unmerged")
     for key, bad, why in (("use_dora", True, "DoRA"), ("bias", ("all", "lora_only"), "trained biases"),
