@@ -11,7 +11,8 @@ Every request asks for exactly 256 new tokens (EOS ignored); every round sends n
 across rounds: --scenario names the hits a round is about). Reported as vLLM's serving benchmark does: output
 tok/s over the round's wall time, TTFT p50/p99, TPOT (time per output token after the first) p50/p99, the gap
 between stream messages p50/p99 — and on CUDA each row's physical bound from rates measured in the same run
-(`Bounds`): throughput and TTFT if prefill ran at the card's matmul rate and decode at its copy bandwidth.
+(`Bounds`): throughput and TTFT if prefill ran at the card's matmul rate and decode at its copy bandwidth (or, where
+256 streams make a decode step compute-bound, at the matmul rate).
 """
 from __future__ import annotations
 
@@ -165,9 +166,12 @@ class Bounds:
                 ) / self.rate
 
     def round(self, n: int, prompt: int, new: int, cached: int = 0) -> dict:
-        decode = new * 2 * self.matmul_params + n * self.kv_bytes * new * (prompt + new / 2)
+        """Decode steps read the weights and the KV cache at the copy bandwidth, or, with many streams, compute
+        2 x params FLOPs a row at the matmul rate: whichever takes longer (256 streams are compute-bound)."""
+        reads = new * 2 * self.matmul_params + n * self.kv_bytes * new * (prompt + new / 2)
+        flops = new * n * 2 * self.matmul_params
         one = self.prefill_s(prompt, cached)
-        total = n * one + decode / self.bw
+        total = n * one + max(reads / self.bw, flops / self.rate)
         return dict(tok_s=n * new / total, ttft50=math.ceil(0.5 * n) * one, ttft99=math.ceil(0.99 * n) * one)
 
 
@@ -181,7 +185,7 @@ def client_process(target: str, items: list[tuple[int, str | list[dict], str | N
         with LawchatClient(target, timeout=600) as c:
             while time.time() < start_at:
                 time.sleep(0.001)
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), time.monotonic()
             stream = c.chat_stream(q, max_new_tokens=new_tokens, ignore_eos=True, adapter=adapter)
             stamps, text = [], []
             for delta in stream:
@@ -190,7 +194,7 @@ def client_process(target: str, items: list[tuple[int, str | list[dict], str | N
             end = time.perf_counter()
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
         with lock:
-            rows.append((stamps[0] - t0, end - t0, stream.completion_tokens, gaps, i, "".join(text)))
+            rows.append((stamps[0] - t0, end - t0, stream.completion_tokens, gaps, i, "".join(text), sent))
 
     threads = [threading.Thread(target=one, args=item) for item in items]
     for t in threads:
@@ -222,7 +226,55 @@ def run_round(target: str, questions: list, new_tokens: int, processes: int, ada
     return dict(tokens=sum(r[2] for r in rows), tok_s=sum(r[2] for r in rows) / wall,
                 ttft50=q(ttft, .5), ttft99=q(ttft, .99), tpot50=q(tpot, .5), tpot99=q(tpot, .99),
                 gap50=q(gaps, .5), gap99=q(gaps, .99), msgs_per_stream=(len(gaps) + len(rows)) / len(rows),
-                answers=[r[5] for r in sorted(rows, key=lambda r: r[4])])
+                answers=[r[5] for r in sorted(rows, key=lambda r: r[4])], sent=sorted(r[6] for r in rows),
+                first=sorted(r[6] + r[0] for r in rows))
+
+
+def read_trace(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The engine's trace lines (engine.trace) written since byte `offset` -> (records, new offset)."""
+    import json
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    return [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()], offset + len(data)
+
+
+def trace_breakdown(r: dict, records: list[dict]) -> str:
+    """Where a round's first tokens went, on one clock (time.monotonic, from the first stream's send): streams sent
+    by the clients, requests arriving in the engine, admitted to a step, first token sampled, first token at the
+    client (p50 / p99 of each); then the steps of the round: prefill steps (count, prompt tokens a step, ms a
+    step) and decode-only steps."""
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")   # noqa: E731
+    t0 = r["sent"][0]
+    firsts = [x for x in records if "first_token" in x]
+    steps = [x for x in records if "step" in x]
+    rows = [("sent by client", r["sent"]), ("arrived in engine", sorted(x["arrival"] for x in firsts)),
+            ("admitted", sorted(x["admitted"] for x in firsts)),
+            ("first token sampled", sorted(x["first_token"] for x in firsts)), ("first token at client", r["first"])]
+    out = ["  " + " | ".join(f"{name} p50 {(q(xs, .5) - t0) * 1e3:.0f} / p99 {(q(xs, .99) - t0) * 1e3:.0f} ms"
+                             for name, xs in rows)]
+    pre = [x for x in steps if x["prefill_tokens"]]
+    dec = [x for x in steps if not x["prefill_tokens"]]
+    gaps = [b["step"] - a["step"] for a, b in zip(steps, steps[1:])]
+    span = lambda xs: sum(b["step"] - a["step"] for a, b in zip(steps, steps[1:]) if a in xs)   # noqa: E731
+    if pre:
+        until = max(x["first_token"] for x in firsts) if firsts else pre[-1]["step"]
+        early = [x for x in pre if x["step"] <= until]
+        out.append(f"  {len(pre)} prefill steps: {sum(x['prefill_tokens'] for x in pre) / len(pre):.0f} prompt tokens, "
+                   f"{sum(x['prefill_seqs'] for x in pre) / len(pre):.1f} prompts, {sum(x['decode'] for x in pre) / len(pre):.1f} "
+                   f"decode rows a step; {len(early)} before the last first token, those spanning "
+                   f"{span(early) * 1e3:.0f} ms (schedule {sum(x['schedule_ms'] for x in early):.0f}, launch "
+                   f"{sum(x['launch_ms'] for x in early):.0f}, finish {sum(x['finish_ms'] for x in early):.0f} ms)")
+    if dec:
+        mean = lambda k: sum(x[k] for x in dec) / len(dec)     # noqa: E731
+        out.append(f"  {len(dec)} decode-only steps: {mean('decode'):.0f} rows, step-to-step p50 "
+                   f"{q(sorted(b['step'] - a['step'] for a, b in zip(steps, steps[1:]) if a in dec), .5) * 1e3:.2f} ms; "
+                   f"engine thread a step: schedule {mean('schedule_ms'):.2f}, launch {mean('launch_ms'):.2f}, finish "
+                   f"(incl. the wait for ids) {mean('finish_ms'):.2f} ms")
+    if gaps:
+        out.append(f"  step-to-step p50 {q(sorted(gaps), .5) * 1e3:.2f} / p99 {q(sorted(gaps), .99) * 1e3:.2f} ms over "
+                   f"{len(steps)} steps")
+    return "\n".join(out)
 
 
 SCENARIOS = ("plain", "shared-system", "multi-turn")
@@ -251,6 +303,22 @@ def scenario_round(target: str, scenario: str, questions: list[str], new_tokens:
 
 MODES = {"process": {}, "sync": {"overlap": False}, "thread": {"separate_process": False},   # engine overrides
          "nowarm": {"warmup": "minimal"}}     # the engine process without the full warm-up (before issue 18)
+
+
+def start_py_spy(server_pid: int, out: Path, mode: str, seconds: int = 6) -> list[subprocess.Popen]:
+    """py-spy record of the server process and its engine process: raw collapsed stacks of the thread holding
+    the GIL (--gil), by thread."""
+    import shutil
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    pids = {"server": server_pid}
+    for child in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split():
+        cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        if "resource_tracker" not in cmd:
+            pids["engine"] = int(child)
+    return [subprocess.Popen([spy, "record", "--format", "raw", "--threads", "--gil", "--nonblocking", "-r", "200", "-d",
+                              str(seconds), "-p", str(pid), "-o", str(out / f"{mode}-{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for name, pid in pids.items()]
 
 
 def start_server(model_dir: Path, device: str, max_streams: int, log_path: Path,
@@ -292,6 +360,14 @@ def main() -> None:
                     help="plain: a prompt of its own per stream; shared-system: a shared system message of "
                          "--prompt-tokens - 64 tokens + a 64-token question; multi-turn: the second turn of chats "
                          "whose first prompt had --prompt-tokens")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline (its column shows -)")
+    ap.add_argument("--trace", action="store_true",
+                    help="profile: the engine writes its step trace (engine.trace) and each row prints where its first "
+                         "tokens' time went (client send, engine arrival, admission, first token) and its steps")
+    ap.add_argument("--trace-out", type=Path, default=None, help="with --trace: keep each mode's raw trace here")
+    ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                    help="record the server and engine processes with py-spy (raw stacks, by thread) during the "
+                         "largest row's round into DIR")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                     help="an engine setting for every mode, e.g. --engine max_prefill_tokens=8192 (repeatable)")
     a = ap.parse_args()
@@ -308,7 +384,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     questions = make_prompts(model_dir, sum(streams) + 8 + a.first_burst * len(a.engine_modes.split(",")),
                              a.prompt_tokens)
-    hf_ttft, hf_tok_s = bench_hf(model_dir, a.device, questions[0], a.new_tokens)
+    hf_ttft, hf_tok_s = (float("nan"),) * 2 if a.no_hf else bench_hf(model_dir, a.device, questions[0], a.new_tokens)
     prompt_len = prompt_tokens(model_dir, questions)
     row_questions, system, follow_ups = questions, "", [""] * sum(streams)
     if a.scenario == "shared-system":
@@ -326,29 +402,53 @@ def main() -> None:
         bw = copy_bandwidth()
         limit = bw / n_bytes
         bounds = Bounds(model_dir, matmul_rate(), bw)
-    results, firsts, log_tail = {}, {}, ""
+    results, firsts, log_tail, traces = {}, {}, "", []
     spare = sum(streams)                                           # first bursts take prompts from here on
     for mode in a.engine_modes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             t_start = time.perf_counter()
+            trace = Path(tmp) / "trace.jsonl"
             proc, target = start_server(model_dir, a.device, max(streams), Path(tmp) / "server.log",
-                                         {**MODES[mode], **engine_sets})
+                                         {**MODES[mode], **engine_sets, **({"trace": str(trace)} if a.trace else {})})
             startup = time.perf_counter() - t_start
+            offset = 0
+
+            def traced(name: str, r: dict) -> dict:
+                nonlocal offset
+                if a.trace:
+                    records, offset = read_trace(trace, offset)
+                    traces.append(f"[{mode}] {name}:\n" + trace_breakdown(r, records))
+                return r
             try:
                 if a.first_burst:                                  # the first users after ready: no warm-up round
-                    firsts[mode] = (startup, run_round(target, questions[spare:spare + a.first_burst], a.new_tokens,
-                                                       a.clients))
+                    if a.trace:
+                        offset = read_trace(trace, 0)[1]           # the warm-up's steps
+                    first_spies = start_py_spy(proc.pid, a.py_spy, f"{mode}-first") if a.py_spy else []
+                    firsts[mode] = (startup, traced(f"first burst of {a.first_burst}", run_round(
+                        target, questions[spare:spare + a.first_burst], a.new_tokens, a.clients)))
                     spare += a.first_burst
+                    for spy in first_spies:
+                        spy.wait(60)
                 run_round(target, questions[-8:], 16, 2)          # warm-up: connections, first shapes
-                rows, used = [], 0
+                rows, used, spies = [], 0, []
                 for n in streams:
-                    rows.append((n, scenario_round(target, a.scenario, row_questions[used:used + n], a.new_tokens,
-                                                   a.clients, model_dir, system, follow_ups[used:used + n])))
+                    if a.trace:
+                        offset = read_trace(trace, offset)[1]
+                    if a.py_spy and n == max(streams):
+                        spies = start_py_spy(proc.pid, a.py_spy, mode)
+                    rows.append((n, traced(f"{n} streams", scenario_round(
+                        target, a.scenario, row_questions[used:used + n], a.new_tokens, a.clients, model_dir, system,
+                        follow_ups[used:used + n]))))
                     used += n
+                for spy in spies:
+                    spy.wait(60)
                 results[mode] = rows
             finally:
                 proc.terminate()
                 proc.wait(60)
+                if a.trace and a.trace_out and trace.is_file():
+                    a.trace_out.mkdir(parents=True, exist_ok=True)
+                    trace.replace(a.trace_out / f"trace-{mode}.jsonl")
                 log = (Path(tmp) / "server.log").read_text()
                 log_tail += f"[{mode}] " + "".join(ln + "\n" for ln in log.splitlines() if "engine: " in ln) + log[-600:]
     print(f"\ncard: {card} | model: {model_dir} | scenario {a.scenario}, prompt ~{a.prompt_tokens} tokens, "
@@ -378,6 +478,8 @@ def main() -> None:
               f"{r['tok_s']:.0f} tok/s" + (f" | the same burst warm: p50 {warm['ttft50'] * 1e3:.1f} / p99 "
                                            f"{warm['ttft99'] * 1e3:.1f} ms, {warm['tok_s']:.0f} tok/s -> first/warm "
                                            f"p50 {r['ttft50'] / warm['ttft50']:.2f}x" if warm else ""))
+    if traces:
+        print("\nengine trace (time.monotonic from each round's first send):\n" + "\n".join(traces))
     print("server log tail:\n" + log_tail)
 
 

@@ -28,9 +28,9 @@ CHECK = textwrap.dedent('''
         tables = torch.randint(1, 40, (5, 7), dtype=torch.int32)
         q = torch.randn(5, heads, d)
         ref = decode_attention_torch(q, cache, tables, lens)
-        for splits in (1, 4):
-            err = (paged_decode(q, cache, tables, lens, splits) - ref).abs().max().item()
-            assert err < 1e-5, ("paged_decode", heads, kvh, splits, err)
+        for splits, pages in ((1, 1), (4, 1), (1, 4), (4, 4), (2, 8)):    # tiles of 1-8 blocks, past the end too
+            err = (paged_decode(q, cache, tables, lens, splits, pages) - ref).abs().max().item()
+            assert err < 1e-5, ("paged_decode", heads, kvh, splits, pages, err)
 
     x, r = torch.randn(3, 96), torch.randn(3, 96)
     w = torch.randn(96)

@@ -32,6 +32,8 @@ class EngineConfig:
     max_loras: int | None = None            # GPU slots for adapters used at once (null: 4 when adapters are
                                             # configured, else 0 = no adapters, LoadAdapter refused)
     max_lora_rank: int = 16                 # the largest rank served (sizes the slots)
+    trace: str | None = None                # profiling: a JSON line per step (times, prompt tokens, decode rows) and
+                                            # per request (arrival, admitted, first token), time.monotonic seconds
     lora_target_modules: list[str] | None = None   # projections adapters may adapt (q_proj, k_proj, v_proj, o_proj,
                                             # gate_proj, up_proj, gate_up_proj, down_proj): each costs slot memory
                                             # and two kernels per layer in every decode step; null = those of the

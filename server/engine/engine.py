@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import queue
 import random
@@ -242,6 +243,7 @@ class Engine:
         self._failed_steps = 0
         self.overlap = self.config.overlap and getattr(runner, "overlap", False)
         self.timing = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "finish": 0.0}   # engine-thread s, profiling
+        self._trace = open(self.config.trace, "a", buffering=1) if self.config.trace else None   # noqa: SIM115
         self._thread = threading.Thread(target=self._loop, name="lawchat-engine", daemon=True)
         self._out_thread = threading.Thread(target=self._process_outputs, name="lawchat-detok", daemon=True)
 
@@ -457,13 +459,6 @@ class Engine:
             step = sched.schedule()
             for seq in step.preempted:
                 self.runner.release(seq)
-            if in_flight is not None and step.prefill:
-                # a prefill step takes long to launch and to run: first hand out the in-flight step's tokens
-                # (their streams should not wait for it), then drop what that finished from this step
-                self._finish(*in_flight)
-                in_flight = None
-                step.prefill = [(s, n) for s, n in step.prefill if s.status is Status.RUNNING]
-                step.decode = [s for s in step.decode if s.status is Status.RUNNING]
             t1 = time.perf_counter()
             try:
                 launched = self._launch(step) if step else None
@@ -480,6 +475,8 @@ class Engine:
                 self._finish(*launched)
                 launched = None
             t3 = time.perf_counter()
+            if self._trace is not None and step:
+                self._trace_step(step, t0, t1, t2, t3)
             in_flight = launched
             if not step and in_flight is None:
                 time.sleep(0.001)          # everything waits for blocks held by sequences being dropped
@@ -494,8 +491,20 @@ class Engine:
         for _, fut in admin:
             fut.set_exception(EngineClosed("the server is shutting down"))
         self._fail(list(sched.running) + list(sched.waiting), EngineClosed("the server is shutting down"), inbox)
+        if self._trace is not None:
+            self._trace.close()
         log.info("engine: %d steps (overlap %s); thread time schedule %.2f s, launch %.2f s, wait for ids %.2f s, "
                  "finish (incl. wait) %.2f s", self._steps, self.overlap, *self.timing.values())
+
+    def _trace_step(self, step, t0: float, t1: float, t2: float, t3: float) -> None:
+        """One JSON line: when the step was scheduled (monotonic s), ms spent scheduling, launching and finishing
+        (the finish waits for the previous step's ids, or this one's without overlap), its work, the queue."""
+        ms = lambda a, b: round((b - a) * 1e3, 3)    # noqa: E731
+        self._trace.write(json.dumps({
+            "step": time.monotonic() - (time.perf_counter() - t0), "schedule_ms": ms(t0, t1), "launch_ms": ms(t1, t2),
+            "finish_ms": ms(t2, t3), "prefill_seqs": len(step.prefill), "prefill_tokens": sum(n for _, n in step.prefill),
+            "decode": len(step.decode), "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running)})
+            + "\n")
 
     def _launch(self, step):
         """Start the step on the runner and account for it at once: computed tokens advance, and each sampled
@@ -588,6 +597,10 @@ class Engine:
             elif n_out >= seq.max_new_tokens:
                 finish = MAX_TOKENS
             job = self._jobs.get(seq.seq_id)
+            if n_out == 1 and self._trace is not None:
+                self._trace.write(json.dumps({"first_token": time.monotonic(), "arrival": seq.arrival,
+                                              "admitted": seq.arrival + (seq.queue_seconds or 0.0),
+                                              "prompt": seq.num_prompt}) + "\n")
             if finish is not None:
                 seq.finish_reason = finish
                 self.scheduler.remove(seq)
