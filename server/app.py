@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -261,6 +262,21 @@ async def _in_thread(fn, *args):
     return await fut
 
 
+async def warm_front_end(app: App) -> float:
+    """Before SERVING, this process's first-time costs on the request path: the default executor's threads (spawned
+    on first use; every request tokenizes there), the tokenizer on a long prompt, the retriever's first search
+    (jieba loads its dictionary). Measured on an H200 before: a first burst of 64 ~900-token prompts reached the
+    engine at p50 289 ms vs 41 ms warm. -> seconds spent."""
+    t0 = time.perf_counter()
+    engine, text = app.slot.engine, "劳动合同的解除与经济补偿" * 120
+    workers = min(32, (os.cpu_count() or 1) + 4)          # ThreadPoolExecutor's default size
+    await asyncio.gather(*[asyncio.to_thread(engine.encode_chat, [{"role": "user", "content": text}])
+                           for _ in range(workers)])
+    if app.chat.retriever is not None:
+        await asyncio.to_thread(app.chat.retriever.search, "用人单位解除劳动合同要给经济补偿吗", 1)
+    return time.perf_counter() - t0
+
+
 async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | None = None) -> int:
     """Bind, then load the model, serve until `stop` is set (or SIGTERM/SIGINT), then drain and shut down;
     -> the exit code: 0, or EXIT_ENGINE_LOST when the supervisor gave up on the engine."""
@@ -291,6 +307,7 @@ async def serve(model_dir: str | Path, cfg: ServerConfig, stop: asyncio.Event | 
         log.info("stopped while loading")
         return 0
     slot.set(load.result(), model_dir)
+    log.info("front end warmed in %.2f s", await warm_front_end(app))
     await update_health(app)
     # One line that scripts and tests wait for: where to connect.
     scheme = "tls" if cfg.tls.enabled else "grpc"

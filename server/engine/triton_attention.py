@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_bt"])    # the block-table width varies per mixed step: one compile for all
 def _decode_split(Q, Kc, Vc, BT, CL, Mid, MidML, scale,
                   s_qb, s_qh, s_kb, s_ks, s_kh, s_bt, s_mb, s_mh, s_ms,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
