@@ -161,3 +161,37 @@ def test_packing_and_varlen_refuse_a_model_whose_attention_cannot_be_swapped(tin
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     final = finetune(tiny_demo / "data" / "prepared", bloom, tmp_path / "lora.yaml", output_dir=tmp_path / "run")
     assert (final / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_labelled_loss_equals_the_models_loss(glm, packing):
+    """The training loss computed only where labels are (finetune's labelled_logits) equals the model's own loss,
+    and so do its LoRA gradients, on padded and on packed batches with prompt tokens masked."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from lawchat_trainer.train_log import labelled_loss
+    tok = AutoTokenizer.from_pretrained(glm)
+    model = load_glm(glm, "sdpa")
+    model.config.use_cache = False
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.train()
+    g = torch.Generator().manual_seed(1)
+    feats = []
+    for n, prompt in ((30, 12), (17, 5), (44, 40)):
+        ids = torch.randint(5, 1400, (n,), generator=g).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = make_collator(tok, packing=packing)(feats)
+
+    def loss_and_grads(fn):
+        peft.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in peft.parameters() if p.requires_grad]
+    ref, ref_grads = loss_and_grads(lambda: peft(**batch).loss)
+    got, got_grads = loss_and_grads(lambda: labelled_loss(peft, dict(batch)))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    n = sum(1 for f in feats for y in f["labels"][1:] if y != -100)
+    torch.testing.assert_close(labelled_loss(peft, dict(batch), num_items_in_batch=n), ref, atol=1e-5, rtol=1e-5)

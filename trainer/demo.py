@@ -1,6 +1,7 @@
 """demo: build the offline demo legal assistant, step by step, reusing every step already built.
 
-laws.db -> base/ (tokenizer + tiny GLM pretrained on statutes) -> data/lawzhidao_sample.csv
+laws.db -> base/ (tokenizer + tiny GLM pretrained on statutes; shipped pretrained in data/demo_base for
+        configs/demo.yaml's recipe: the stand-in for downloading ChatGLM3-6B) -> data/lawzhidao_sample.csv
         -> data/prepared/*.jsonl -> lora/final (PEFT adapter) -> merged/ (what `lawchat serve` loads)
         -> eval/report.json (ROUGE/BLEU on the test split, base vs fine-tuned)
 """
@@ -28,6 +29,8 @@ STAMP = ".lawchat_step.json"
 BASE_RECIPE = 2                # bump when build_base's pretraining mix changes in code (2: copy practice without Q&A)
 INDEX_FILE = "laws.sqlite"      # runs/demo/index/laws.sqlite: every article in force, for context and citations
 CITE_QUESTIONS = Path(__file__).parent / "data" / "retrieval_questions.jsonl"
+SHIPPED_BASE = Path(__file__).parent / "data" / "demo_base"   # configs/demo.yaml's base, pretrained once (bf16)
+SHIPPED_STAMP = "lawchat_base.json"
 SAMPLE_QUESTION = "劳动合同法第三十九条是怎么规定的？"
 
 
@@ -58,7 +61,68 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
+def base_key(cfg: dict) -> str:
+    """What the base model depends on: the pretraining recipe in code and in the config, the corpus choices."""
+    everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
+    return digest(BASE_RECIPE, cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"],
+                  cfg["pretrain"], cfg["pretrain_qa_per_article"], cfg["seed"], everyday, cfg.get("context"))
+
+
+def shipped_base(key: str, where: Path | None = None) -> Path | None:
+    """The base shipped in the package when it was pretrained from this very recipe, else None."""
+    where = where or SHIPPED_BASE
+    stamp = where / SHIPPED_STAMP
+    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("key") == key:
+        return where
+    return None
+
+
+def copy_base(src: Path, out: Path) -> dict:
+    """A shipped (bf16) base into out/ as the fp32 model the pretraining would have written, tokenizer included."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", SHIPPED_STAMP):
+            shutil.copy2(f, out / f.name)
+    weights = {k: v.to(torch.float32) for k, v in load_file(src / "model.safetensors").items()}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    info = json.loads((src / SHIPPED_STAMP).read_text(encoding="utf-8"))
+    return {"shipped": str(src), **info.get("pretrain", {})}
+
+
+def ship_base(src: Path, key: str, info: dict, dest: Path = SHIPPED_BASE) -> int:
+    """Write a pretrained base dir into dest as bf16 safetensors + its recipe key (scripts/ship_demo_base.py);
+    -> bytes written."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", STAMP):
+            shutil.copy2(f, dest / f.name)
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(src / "model.safetensors").items()}
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    (dest / SHIPPED_STAMP).write_text(json.dumps(
+        {"key": key, "weights": "bfloat16 (copied to fp32 by lawchat demo)",
+         "made_by": "python scripts/ship_demo_base.py", "pretrain": info}, ensure_ascii=False, indent=2) + "\n")
+    return sum(f.stat().st_size for f in dest.iterdir())
+
+
 def build_base(cfg: dict, out: Path) -> dict:
+    src = shipped_base(base_key(cfg)) if cfg.get("shipped_base", True) else None
+    if src is not None:
+        log(f"base model: the pretrained base shipped in {src} (built from this recipe by scripts/ship_demo_base.py;"
+            " shipped_base: false pretrains it here, ~7-10 min on 2 cores)")
+        return copy_base(src, out)
+    return pretrain_base(cfg, out)
+
+
+def pretrain_base(cfg: dict, out: Path) -> dict:
     db = demo_corpus.find_laws_db()
     focus = demo_corpus.read_articles(db, cfg["laws"])
     tok_articles = focus if cfg["tokenizer_corpus"] == "focus" else demo_corpus.read_articles(db)
@@ -151,15 +215,14 @@ def build_demo(config_path: str | Path, workdir: str | Path | None = None, with_
     cfg = load_demo_config(config_path)
     workdir = Path(workdir or cfg["workdir"])
     everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
-    base_key = digest(BASE_RECIPE, cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"],
-                      cfg["pretrain"], cfg["pretrain_qa_per_article"], cfg["seed"], everyday, cfg.get("context"))
+    base = base_key(cfg)
     index_key = digest(retrieval.SCHEMA_VERSION, [p.read_text(encoding="utf-8") for p in RETRIEVAL_CODE])
     data_key = digest(cfg["laws"], cfg["questions_per_article"], cfg["seed"], everyday, cfg.get("context"),
                       index_key if cfg.get("context") else None)
-    adapter_key = digest(base_key, data_key, cfg["finetune"])
+    adapter_key = digest(base, data_key, cfg["finetune"])
     merged_key = digest(adapter_key)
     steps = [   # (name, key of its inputs, build(out) -> info stamped beside the output)
-        ("base", base_key, lambda out: build_base(cfg, out)),
+        ("base", base, lambda out: build_base(cfg, out)),
         ("data", data_key, lambda out: build_data(cfg, workdir, out)),
         ("lora", adapter_key, lambda out: build_adapter(cfg, workdir, out)),
         ("merged", merged_key, lambda out: build_merged(workdir, out)),

@@ -40,6 +40,8 @@ class FinetuneConfig:
     attention: str = "sdpa"      # lawchat's addition (trainer/attention.py): sdpa | varlen
     quantization: dict = field(default_factory=dict)   # lawchat's addition: QLoRA — the base loaded quantised by
                                                        # bitsandbytes (transformers' BitsAndBytesConfig keys)
+    labelled_logits: bool = True   # lawchat's addition (trainer/train_log.py): the LM head and loss only where a
+                                   # label is (same loss; GLM/Llama/Qwen2/Mistral, without liger-kernel, which fuses it)
 
 
 BATCHING = ("grouped", "packed", "padded")
@@ -57,7 +59,7 @@ def load_config(path: str | Path) -> FinetuneConfig:
         raise FinetuneError(f"no such config: {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     known = {"data_config", "max_input_length", "max_output_length", "training_args", "peft_config", "batching",
-             "liger_kernel", "attention", "quantization"}
+             "liger_kernel", "attention", "quantization", "labelled_logits"}
     unknown = set(raw) - known
     if unknown:
         raise FinetuneError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -74,7 +76,10 @@ def load_config(path: str | Path) -> FinetuneConfig:
                          batching=raw.get("batching", FinetuneConfig.batching),
                          liger_kernel=raw.get("liger_kernel", FinetuneConfig.liger_kernel),
                          attention=raw.get("attention", FinetuneConfig.attention),
-                         quantization=dict(raw.get("quantization") or {}))
+                         quantization=dict(raw.get("quantization") or {}),
+                         labelled_logits=raw.get("labelled_logits", FinetuneConfig.labelled_logits))
+    if not isinstance(cfg.labelled_logits, bool):
+        raise FinetuneError(f"{path}: labelled_logits must be true or false, got {cfg.labelled_logits!r}")
     if cfg.liger_kernel not in (True, False, "auto"):
         raise FinetuneError(f"{path}: liger_kernel must be true, false or auto, got {cfg.liger_kernel!r}")
     if cfg.attention not in ATTENTION:
@@ -212,7 +217,8 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         model.set_attn_implementation(register())
     model.config.use_cache = False    # training needs no KV cache; with one, transformers skips the packed-sequence mask
     from .kernels import apply_liger, liger_available
-    if cfg.liger_kernel is True or (cfg.liger_kernel == "auto" and liger_available()):
+    liger = cfg.liger_kernel is True or (cfg.liger_kernel == "auto" and liger_available())
+    if liger:
         print(f"train: liger-kernel: {apply_liger(model)}", file=sys.stderr)
     elif cfg.liger_kernel == "auto":
         print("train: liger-kernel: off (needs CUDA and `pip install 'lawchat[train-gpu]'`)", file=sys.stderr)
@@ -230,8 +236,11 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
     if training_args.process_index == 0:
         peft_model.print_trainable_parameters()
 
+    from .train_log import LABELLED_LOGITS_TYPES
+    labelled = cfg.labelled_logits and not liger and model.config.model_type in LABELLED_LOGITS_TYPES
     trainer = CountingTrainer(model=peft_model, args=training_args, train_dataset=train_rows,
-                              eval_dataset=val_rows or None, data_collator=make_collator(tokenizer, cfg.batching == "packed"))
+                              eval_dataset=val_rows or None, data_collator=make_collator(tokenizer, cfg.batching == "packed"),
+                              labelled_logits=labelled)
     last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     if resume and last is None and trainer.is_world_process_zero():
         print(f"train: --resume given but no checkpoint in {out}; starting fresh", file=sys.stderr)
@@ -248,6 +257,7 @@ def finetune(data_dir: str | Path, model_dir: str | Path, config_path: str | Pat
         report["global_step"] = result.global_step
         report["world_size"] = training_args.world_size
         report["batching"] = cfg.batching
+        report["labelled_logits"] = labelled
         report["attention"] = model.config._attn_implementation     # what the model really ran
         report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
         report["log_history"] = trainer.state.log_history

@@ -13,13 +13,41 @@ def real_tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
-class CountingTrainer(Trainer):
-    """Counts the real tokens of every micro-batch it trains on (in the main process, whatever the data workers)."""
+# model types whose logits are exactly lm_head(decoder output): no final softcapping or logit scale
+LABELLED_LOGITS_TYPES = ("glm", "llama", "qwen2", "mistral")
 
-    def __init__(self, *args, **kw):
+
+def labelled_loss(model, inputs: dict, num_items_in_batch=None):
+    """The causal-LM loss with the LM head and log-softmax only at positions that predict a label (the reply):
+    the same value as the model's own loss, without a (batch, tokens, vocab) logits tensor for the prompt."""
+    import torch.nn.functional as F
+
+    from lawchat_server.prompt import IGNORE_INDEX
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = inputs["labels"]
+    hidden = causal.get_decoder()(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+    target = labels[:, 1:]                                       # (B, T-1): position t predicts token t+1
+    keep = target != IGNORE_INDEX
+    logits = causal.get_output_embeddings()(hidden[:, :-1][keep])   # (N, vocab)
+    loss = F.cross_entropy(logits.float(), target[keep], reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return loss / n
+
+
+class CountingTrainer(Trainer):
+    """Counts the real tokens of every micro-batch it trains on (in the main process, whatever the data workers).
+    With `labelled_logits`, training steps compute the loss by `labelled_loss` (evaluation keeps the model's)."""
+
+    def __init__(self, *args, labelled_logits: bool = False, **kw):
         super().__init__(*args, **kw)
         self.real_tokens = 0
+        self.labelled_logits = labelled_logits
         self.add_callback(RealTokensPerSecond(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.labelled_logits and model.training and not return_outputs:
+            return labelled_loss(model, inputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, *args, **kw):
         self.real_tokens += real_tokens(inputs)
