@@ -1,5 +1,7 @@
 """Retrieval quality on the labelled everyday questions (each with the articles that govern it, checked against
-laws.db): recall@1 / @5 / @10 and latency per variant, on the tuning set and on the held-out set.
+laws.db): recall@1 / @5 / @10, the precision of the citations an answer shows (the share of them that govern) and
+latency per variant, on the tuning set and on the held-out set; then how the top citation's precision moves when it is
+shown only above a score threshold.
 
     python scripts/eval_retrieval.py [--index runs/laws_index.sqlite] [--encoder DIR]   # builds what is missing
 
@@ -36,7 +38,11 @@ def main() -> None:
     ap.add_argument("--sets", default="tuning,held-out")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes over the questions (latency quantiles)")
     ap.add_argument("--show-misses", action="store_true")
+    ap.add_argument("--shown", type=int, default=None, help="citations a served answer shows (default: retrieval.top_k)")
     a = ap.parse_args()
+    if a.shown is None:
+        from lawchat_server.retrieval import RetrievalConfig
+        a.shown = RetrievalConfig().top_k
     if not a.index.is_file():
         build_index(a.index, find_laws_db())
     encoder = None
@@ -62,10 +68,12 @@ def main() -> None:
         path = ROOT / "trainer" / "data" / SETS[set_name]
         items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         print(f"\n{set_name} set: {len(items)} questions ({path.name})")
-        print("| variant | recall@1 | recall@5 | recall@10 | latency p50 ms | latency p99 ms |\n|---|---|---|---|---|---|")
+        print(f"| variant | recall@1 | recall@5 | recall@10 | shown-citation precision (top {a.shown}) | latency p50 ms | "
+              "latency p99 ms |\n|---|---|---|---|---|---|---|")
+        sweeps = []
         for name, kw in variants.items():
-            r1 = r5 = r10 = 0
-            times, misses = [], []
+            r1 = r5 = r10 = shown_right = shown = 0
+            times, misses, tops = [], [], []
             for it in items:
                 want = {(g["law"], g["article"]) for g in it["governing"]}
                 for _ in range(a.repeat):
@@ -77,8 +85,13 @@ def main() -> None:
                             [i for i, _ in rows])}
                         hits = [key[i] for i, _ in rows if i in key]
                     else:
-                        hits = [(h.law, h.article) for h in ret.search(it["question"], 10, **kw)]
+                        found = ret.search(it["question"], 10, **kw)
+                        hits = [(h.law, h.article) for h in found]
                     times.append((time.perf_counter() - t0) * 1e3)
+                if kw != "dense-only" and found:
+                    tops.append((found[0].score, hits[0] in want))
+                shown += len(hits[:a.shown])
+                shown_right += len(want & set(hits[:a.shown]))
                 r1 += bool(hits[:1] and hits[0] in want)
                 r5 += bool(want & set(hits[:5]))
                 r10 += bool(want & set(hits))
@@ -86,11 +99,23 @@ def main() -> None:
                     misses.append((it["question"], hits[:2]))
             times.sort()
             n = len(items)
-            print(f"| {name} | {r1 / n:.0%} | {r5 / n:.0%} | {r10 / n:.0%} | {statistics.median(times):.1f} | "
-                  f"{times[int(0.99 * (len(times) - 1))]:.1f} |")
+            print(f"| {name} | {r1 / n:.0%} | {r5 / n:.0%} | {r10 / n:.0%} | {shown_right / max(1, shown):.0%} | "
+                  f"{statistics.median(times):.1f} | {times[int(0.99 * (len(times) - 1))]:.1f} |")
+            if tops:
+                sweeps.append((name, tops))
             if a.show_misses:
                 for q, h in misses:
                     print(f"   miss: {q} -> {h}")
+        print("\nshowing the top citation only when its score clears a threshold (the score as a confidence): "
+              "questions that keep a citation, and the precision of those shown")
+        for name, tops in sweeps:
+            cuts = sorted({round(s, 4) for s, _ in tops})
+            row = []
+            for q in (0.0, 0.25, 0.5, 0.75, 0.9):
+                t = cuts[int(q * (len(cuts) - 1))]
+                kept = [ok for s, ok in tops if s >= t]
+                row.append(f"score >= {t:g}: {len(kept)}/{len(tops)} keep, precision {sum(kept) / max(1, len(kept)):.0%}")
+            print(f"- {name}: " + "; ".join(row))
 
 
 if __name__ == "__main__":
