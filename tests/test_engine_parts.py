@@ -167,3 +167,32 @@ def test_generate_batch_waits_out_a_full_queue(runner):
     finally:
         engine.stop()
     assert [c.completion_tokens for c in out] == [6] * 12
+
+
+def test_engine_trace_logs_steps_and_first_tokens_without_text(runner, tmp_path):
+    """engine.trace: one JSON line per step (its prompt tokens and decode rows add up to the work done) and one per
+    request's first token (arrival <= admitted <= first token, on time.monotonic); no token ids or text."""
+    import dataclasses
+    import json
+    import time as time_
+
+    from lawchat_server.engine.engine import generate_batch
+    trace = tmp_path / "trace.jsonl"
+    engine = Engine(runner, dataclasses.replace(runner.config, trace=str(trace)))
+    engine.start()
+    prompts = [runner.encode_chat([{"role": "user", "content": q}]) for q in ("试用期多长？", "加班费怎么算？", "劳动合同法第三十九条")]
+    t0 = time_.monotonic()
+    try:
+        generate_batch(engine, prompts, 5, ignore_eos=True)
+    finally:
+        engine.stop()
+    lines = [json.loads(ln) for ln in trace.read_text().splitlines()]
+    steps = [x for x in lines if "step" in x]
+    firsts = [x for x in lines if "first_token" in x]
+    assert sum(x["prefill_tokens"] for x in steps) == sum(map(len, prompts))
+    assert sum(x["decode"] for x in steps) == 3 * 4                     # 5 tokens each: the first from the prefill
+    assert sorted(x["prompt"] for x in firsts) == sorted(map(len, prompts))
+    for x in firsts:
+        assert t0 <= x["arrival"] <= x["admitted"] <= x["first_token"] <= time_.monotonic()
+    assert all(set(x) <= {"step", "schedule_ms", "launch_ms", "finish_ms", "prefill_seqs", "prefill_tokens", "decode",
+                          "waiting", "running", "first_token", "arrival", "admitted", "prompt"} for x in lines)
