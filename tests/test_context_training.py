@@ -28,6 +28,29 @@ def test_prepare_with_context_puts_articles_in_train_and_dev_prompts_only(laws_d
     assert json.loads((tmp_path / "out" / "prepare_report.json").read_text())["with_context"].endswith("idx.sqlite")
 
 
+def test_prepare_context_plain_leaves_a_stable_share_without_articles(laws_db, tmp_path):  # noqa: F811
+    """--context-plain 0.5: about half of the train/dev prompts stay plain (counted in the report), the same ones on
+    every run; the test split is plain anyway."""
+    build_index(tmp_path / "idx.sqlite", laws_db)
+    src = tmp_path / "in.csv"
+    src.write_text("title,question,reply,is_best\n" + "".join(
+        f"公司拖欠工资{i}个月怎么办,,可以申请劳动仲裁{i}。,1\n" for i in range(80)), encoding="utf-8")
+    plain = []
+    for run in ("a", "b"):
+        r = subprocess.run([str(BIN / "lawchat"), "prepare", str(src), str(tmp_path / run), "--with-context",
+                            str(tmp_path / "idx.sqlite"), "--context-plain", "0.5"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        users = [json.loads(x)["conversations"][0]["content"] for name in ("train", "dev")
+                 for x in (tmp_path / run / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        plain.append({u for u in users if not u.startswith("参考法条：")})
+        report = json.loads((tmp_path / run / "prepare_report.json").read_text())
+        assert report["plain_rows"] == len(plain[-1])
+        assert 0.3 * len(users) < len(plain[-1]) < 0.7 * len(users)
+        assert all(u.startswith("公司拖欠工资") for u in plain[-1])
+    assert plain[0] == plain[1]
+
+
 def test_eval_scores_each_model_with_and_without_retrieval(tiny_demo, laws_db, tmp_path):  # noqa: F811
     build_index(tmp_path / "idx.sqlite", laws_db)
     out = tmp_path / "eval.json"

@@ -16,7 +16,7 @@ def cmd_prepare(a) -> int:
     from .prepare import prepare, print_report
     report = prepare(a.csv, a.out_dir, dev_ratio=a.dev_ratio, test_ratio=a.test_ratio, seed=a.seed,
                      keep_all_replies=a.keep_all_replies, is_best=a.is_best, with_context=a.with_context,
-                     context_k=a.context_k)
+                     context_k=a.context_k, context_plain=a.context_plain)
     print_report(report)
     return 0
 
@@ -97,6 +97,8 @@ def add_commands(sub) -> None:
     s.add_argument("--with-context", default=None, metavar="INDEX",
                    help="a `lawchat index` file: train/dev prompts get the best-matching articles before the question")
     s.add_argument("--context-k", type=int, default=3, help="articles per prompt with --with-context")
+    s.add_argument("--context-plain", type=float, default=0.0, metavar="SHARE",
+                   help="with --with-context: this share of train/dev prompts stays without articles (0-1)")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="LoRA fine-tune (configs/lora.yaml keys)")

@@ -64,8 +64,9 @@ def log(msg: str) -> None:
 def base_key(cfg: dict) -> str:
     """What the base model depends on: the pretraining recipe in code and in the config, the corpus choices."""
     everyday = demo_corpus.EVERYDAY_QA.read_text(encoding="utf-8")
-    return digest(BASE_RECIPE, cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"],
-                  cfg["pretrain"], cfg["pretrain_qa_per_article"], cfg["seed"], everyday, cfg.get("context"))
+    ctx = {k: v for k, v in cfg["context"].items() if k != "plain_share"} if cfg.get("context") else None  # the
+    return digest(BASE_RECIPE, cfg["laws"], cfg["tokenizer_corpus"], cfg["vocab_size"], cfg["model"],  # fine-tune's
+                  cfg["pretrain"], cfg["pretrain_qa_per_article"], cfg["seed"], everyday, ctx)
 
 
 def shipped_base(key: str, where: Path | None = None) -> Path | None:
@@ -155,11 +156,14 @@ def cite_context(rows: list[dict], index: Path, ctx: dict) -> list[dict]:
     model learns to answer from the articles it is given and to say which (the statute replies already do)."""
     from lawchat_server.retrieval import Retriever
 
-    from .prepare import build_prompt, clean_text, context_prompt
+    from .prepare import build_prompt, clean_text, context_prompt, stays_plain
     ret = Retriever(index)
     out = []
     for row in rows:
         prompt = build_prompt(clean_text(row["title"]), clean_text(row["question"]))
+        if stays_plain(prompt, ctx.get("plain_share", 0.0)):    # no articles in its prompt: none to name
+            out.append(row)
+            continue
         _, headings = context_prompt(prompt, ret, ctx["top_k"], ctx["max_chars"])
         out.append({**row, "reply": f"依据{'、'.join(headings)}：{row['reply']}"} if headings else row)
     return out
@@ -175,7 +179,8 @@ def build_data(cfg: dict, workdir: Path, out: Path) -> dict:
     clean = demo_corpus.statute_rows(articles, cfg["questions_per_article"], cfg["seed"]) + everyday
     csv_path = out / "lawzhidao_sample.csv"
     demo_corpus.write_lawzhidao_csv(clean + demo_corpus.messy_rows(clean), csv_path)
-    kw = dict(with_context=index, context_k=ctx["top_k"], context_chars=ctx["max_chars"]) if ctx else {}
+    kw = dict(with_context=index, context_k=ctx["top_k"], context_chars=ctx["max_chars"],
+              context_plain=ctx.get("plain_share", 0.0)) if ctx else {}
     report = prepare(csv_path, out / "prepared", seed=cfg["seed"], **kw)
     print_report(report)
     return {"rows": report.rows_read, "kept": report.kept, "dropped": report.dropped, "context": ctx}

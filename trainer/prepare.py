@@ -56,6 +56,7 @@ class PrepareReport:
     repaired_rows: int = 0   # records re-read after a quote that was never closed (see iter_records)
     is_best_policy: str = "best-else-all"
     with_context: str | None = None   # the retrieval index whose articles were put in train/dev prompts
+    plain_rows: int = 0               # train/dev rows left without articles (context_plain)
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
@@ -285,6 +286,12 @@ def context_prompt(prompt: str, retriever, k: int, max_chars: int) -> tuple[str,
     return content, [h.heading for h in hits if h.heading in content]
 
 
+def stays_plain(prompt: str, share: float) -> bool:
+    """Whether a train/dev prompt stays without articles when the others get them: a stable `share` of prompts (by
+    the prompt's hash), so that the model also practises answering from memory, as it must with retrieval off."""
+    return share > 0 and key64("plain", prompt) % 10_000 < share * 10_000
+
+
 def add_context(ex: Example, retriever, k: int, max_chars: int) -> Example:
     return Example(context_prompt(ex.prompt, retriever, k, max_chars)[0], ex.reply, ex.is_best)
 
@@ -292,9 +299,10 @@ def add_context(ex: Example, retriever, k: int, max_chars: int) -> Example:
 def prepare(csv_path: str | Path, out_dir: str | Path, dev_ratio: float = 0.05, test_ratio: float = 0.05,
             seed: int = 42, keep_all_replies: bool = False, is_best: str = "best-else-all",
             progress: bool | None = None, with_context: str | Path | None = None, context_k: int = 3,
-            context_chars: int = 512) -> PrepareReport:
+            context_chars: int = 512, context_plain: float = 0.0) -> PrepareReport:
     """with_context: a retrieval index; train and dev prompts get the best-matching articles before the question
-    (the test split stays plain: `lawchat eval --retrieval` adds them the way the server does)."""
+    (the test split stays plain: `lawchat eval --retrieval` adds them the way the server does), except a
+    `context_plain` share of them (stays_plain)."""
     from tqdm import tqdm
 
     csv_path, out_dir = Path(csv_path), Path(out_dir)
@@ -333,7 +341,10 @@ def prepare(csv_path: str | Path, out_dir: str | Path, dev_ratio: float = 0.05, 
                     continue
                 name = which.get(q, "train")
                 if retriever is not None and name != "test":
-                    ex = add_context(ex, retriever, context_k, context_chars)
+                    if stays_plain(ex.prompt, context_plain):
+                        report.plain_rows += 1
+                    else:
+                        ex = add_context(ex, retriever, context_k, context_chars)
                 files[name].write(json.dumps(ex.to_conversation(), ensure_ascii=False) + "\n")
                 counts[name] += 1
         for f in files.values():
