@@ -1,7 +1,8 @@
 """Retrieval quality on the labelled everyday questions (each with the articles that govern it, checked against
 laws.db): recall@1 / @5 / @10, the precision of the citations an answer shows (the share of them that govern) and
 latency per variant, on the tuning set and on the held-out set; then how the top citation's precision moves when it is
-shown only above a score threshold.
+shown only above a score threshold. The served ranking is first calibrated on the tuning set (lawchat calibrate): its
+row also shows the precision of the citations that clear the calibrated threshold and how many questions keep one.
 
     python scripts/eval_retrieval.py [--index runs/laws_index.sqlite] [--encoder DIR]   # builds what is missing
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed passes over the questions (latency quantiles)")
     ap.add_argument("--show-misses", action="store_true")
     ap.add_argument("--shown", type=int, default=None, help="citations a served answer shows (default: retrieval.top_k)")
+    ap.add_argument("--precision", type=float, default=0.9, help="target precision of the calibrated threshold")
     a = ap.parse_args()
     if a.shown is None:
         from lawchat_server.retrieval import RetrievalConfig
@@ -62,17 +64,24 @@ def main() -> None:
         variants["the served ranking, re-scored by the cross-encoder (served with a reranker)"] = {
             "expand": True, "prior": True, "rerank": True}
     ret = Retriever(a.index, encoder, reranker)
+    from lawchat_server import calibration
+    from lawchat_server.retrieval import trusted
+    cal = calibration.calibrate(ret, calibration.read_questions(ROOT / "trainer" / "data" / SETS["tuning"]), a.shown,
+                                a.precision)           # the served ranking, fitted on the tuning set only
+    calibration.save(a.index, cal)
+    ret = Retriever(a.index, encoder, reranker)
+    print(f"calibrated on the tuning set: {cal.summary()}")
     print(f"index of {ret.meta['articles']} articles" + (f"; encoder {encoder.name} ({encoder.dim} dims)" if encoder
                                                          else ""))
     for set_name in a.sets.split(","):
         path = ROOT / "trainer" / "data" / SETS[set_name]
         items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         print(f"\n{set_name} set: {len(items)} questions ({path.name})")
-        print(f"| variant | recall@1 | recall@5 | recall@10 | shown-citation precision (top {a.shown}) | latency p50 ms | "
-              "latency p99 ms |\n|---|---|---|---|---|---|---|")
+        print(f"| variant | recall@1 | recall@5 | recall@10 | shown-citation precision (top {a.shown}) | at the threshold: "
+              "precision, questions citing | latency p50 ms | latency p99 ms |\n|---|---|---|---|---|---|---|---|")
         sweeps = []
         for name, kw in variants.items():
-            r1 = r5 = r10 = shown_right = shown = 0
+            r1 = r5 = r10 = shown_right = shown = kept = kept_right = citing = 0
             times, misses, tops = [], [], []
             for it in items:
                 want = {(g["law"], g["article"]) for g in it["governing"]}
@@ -92,6 +101,9 @@ def main() -> None:
                     tops.append((found[0].score, hits[0] in want))
                 shown += len(hits[:a.shown])
                 shown_right += len(want & set(hits[:a.shown]))
+                if kw != "dense-only" and found and all(h.confidence is not None for h in found):   # served ranking
+                    cut = [(h.law, h.article) for h in trusted(found[:a.shown], cal.threshold)]
+                    kept, kept_right, citing = kept + len(cut), kept_right + len(want & set(cut)), citing + bool(cut)
                 r1 += bool(hits[:1] and hits[0] in want)
                 r5 += bool(want & set(hits[:5]))
                 r10 += bool(want & set(hits))
@@ -99,7 +111,8 @@ def main() -> None:
                     misses.append((it["question"], hits[:2]))
             times.sort()
             n = len(items)
-            print(f"| {name} | {r1 / n:.0%} | {r5 / n:.0%} | {r10 / n:.0%} | {shown_right / max(1, shown):.0%} | "
+            at = f"{kept_right / max(1, kept):.0%} of {kept}, {citing}/{n}" if kept or citing else "-"
+            print(f"| {name} | {r1 / n:.0%} | {r5 / n:.0%} | {r10 / n:.0%} | {shown_right / max(1, shown):.0%} | {at} | "
                   f"{statistics.median(times):.1f} | {times[int(0.99 * (len(times) - 1))]:.1f} |")
             if tops:
                 sweeps.append((name, tops))

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import grpc
 from lawchat.v1 import chat_pb2, chat_pb2_grpc
@@ -25,9 +26,9 @@ from .engine.engine import (EOS, MAX_TOKENS, STOP_SEQUENCE, Chunk, EngineClosed,
 from .engine_slot import EngineSlot
 from .limiter import Limiter
 from .metrics import Metrics
-from .prompt import PromptError, with_context
+from .prompt import PromptError, with_context, without_articles
 from .params import InvalidRequest, parse_messages, parse_sampling, parse_stopping
-from .retrieval import MAX_TOP_K, Hit, Retriever, RetrievalUnavailable
+from .retrieval import MAX_TOP_K, Hit, Retriever, RetrievalUnavailable, trusted
 
 log = logging.getLogger("lawchat.rpc")
 
@@ -66,9 +67,19 @@ def usage_of(chunk: Chunk) -> chat_pb2.Usage:
 CONTEXT_SLACK = 8      # tokens for the "问题：" joiner around the articles, which with_context does not count
 
 
+@dataclass
+class Grounding:
+    """What retrieval gave an answer: the articles put in its prompt and cited, or that none could be trusted."""
+    hits: list[Hit] = field(default_factory=list)
+    no_article: bool = False      # retrieval was asked for, but no article cleared retrieval.min_confidence
+
+
+NO_GROUNDING = Grounding()        # what every message but the last carries
+
+
 def citations_of(hits: list[Hit]) -> list[chat_pb2.Citation]:
-    return [chat_pb2.Citation(law=h.law, article=h.article, snippet=h.text[:SNIPPET_CHARS], score=h.score)
-            for h in hits]
+    return [chat_pb2.Citation(law=h.law, article=h.article, snippet=h.text[:SNIPPET_CHARS], score=h.score,
+                              confidence=h.confidence) for h in hits]
 
 
 class ChatService(chat_pb2_grpc.ChatServiceServicer):
@@ -82,21 +93,23 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         self.stopping = False        # set by the app at shutdown: an engine closing then is not a failure
 
     async def ChatStream(self, request, context) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
-        async for chunk, degraded, hits in self.generate("ChatStream", request, context):
+        async for chunk, degraded, grounding in self.generate("ChatStream", request, context):
             if chunk.finish_reason is None:
                 yield chat_pb2.ChatStreamResponse(delta=chunk.delta, degraded=degraded)
             else:
                 yield chat_pb2.ChatStreamResponse(delta=chunk.delta, finish_reason=FINISH_REASONS[chunk.finish_reason],
                                                   usage=usage_of(chunk), degraded=degraded,
-                                                  citations=citations_of(hits))
+                                                  citations=citations_of(grounding.hits),
+                                                  no_governing_article=grounding.no_article)
 
     async def Chat(self, request, context) -> chat_pb2.ChatResponse:
-        parts, last, degraded, hits = [], None, False, []
-        async for chunk, degraded, hits in self.generate("Chat", request, context):
+        parts, last, degraded, grounding = [], None, False, Grounding()
+        async for chunk, degraded, grounding in self.generate("Chat", request, context):
             parts.append(chunk.delta)
             last = chunk
         return chat_pb2.ChatResponse(text="".join(parts), finish_reason=FINISH_REASONS[last.finish_reason],
-                                     usage=usage_of(last), degraded=degraded, citations=citations_of(hits))
+                                     usage=usage_of(last), degraded=degraded, citations=citations_of(grounding.hits),
+                                     no_governing_article=grounding.no_article)
 
     def _retrieval_of(self, request) -> int:
         """How many articles this request wants (0 = no retrieval); INVALID_ARGUMENT / FAILED_PRECONDITION."""
@@ -112,10 +125,15 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                           "retrieval is not configured on this server (retrieval.index or retrieval.opensearch.url)")
         return top_k
 
-    def _build_request(self, engine, hits, messages, sampling, max_new, stops, ignore_eos,
+    def _build_request(self, engine, grounding: Grounding, messages, sampling, max_new, stops, ignore_eos,
                        adapter) -> GenerationRequest:
+        hits = grounding.hits
         try:
             prompt_ids = engine.encode_chat(messages)
+            if grounding.no_article:     # the prompt says no governing article was found, as the answer will
+                noted = engine.encode_chat(without_articles(messages))
+                if len(noted) < engine.max_len:
+                    prompt_ids = noted
             if hits:   # the articles take what the model has room for beside the question, up to max_context_tokens
                 budget = min(self.cfg.retrieval.max_context_tokens, engine.max_len - 1 - len(prompt_ids) - CONTEXT_SLACK)
                 with_articles = engine.encode_chat(with_context(messages, [(h.heading, h.text) for h in hits],
@@ -174,7 +192,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             yield Chunk(d)
         yield Chunk(deltas[-1], DEGRADED)
 
-    async def generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool, list[Hit]]]:
+    async def generate(self, method: str, request, context) -> AsyncIterator[tuple[Chunk, bool, Grounding]]:
         """The one request path behind every protocol (gRPC here, the OpenAI HTTP API through an adapter of
         `context`): admission, retrieval, the breaker, the engine, metrics; errors end it via context.abort."""
         rid = request_id_of(context)
@@ -182,7 +200,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         m, breaker = self.metrics, self.breaker
         t0 = time.perf_counter()
         t_last = ttft = ticket = engine = None
-        code, last, degraded, hits = "OK", None, False, []
+        code, last, degraded, grounding = "OK", None, False, Grounding()
         with self.slot.request():
             try:
                 try:
@@ -190,19 +208,23 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     if top_k:
                         try:
                             with m.retrieval_seconds.time():
-                                hits = await asyncio.to_thread(self.retriever.search, parsed[0][-1]["content"], top_k)
+                                found = await asyncio.to_thread(self.retriever.search, parsed[0][-1]["content"], top_k)
                         except RetrievalUnavailable as e:   # a search cluster down: the caller may retry
                             m.retrieval_failures.inc()
                             log.warning("request_id=%s retrieval failed: %s", rid, e)
                             raise Refused(grpc.StatusCode.UNAVAILABLE, "statute retrieval is unavailable; retry, or "
                                           "ask without retrieval") from None
+                        hits = trusted(found, self.retriever.threshold(self.cfg.retrieval.min_confidence))
+                        grounding = Grounding(hits, not hits)
+                        if not hits:
+                            m.no_article.inc()
                     with self.slot.lease() as engine:
                         verdict = self._verdict(engine, context)
                         if isinstance(verdict, str):       # breaker open, engine down or switch on: the canned answer
-                            degraded, stream = True, self._canned(verdict, hits)
+                            degraded, stream = True, self._canned(verdict, grounding.hits)
                         else:
                             ticket = verdict
-                            gen_request = await asyncio.to_thread(self._build_request, engine, hits, *parsed)
+                            gen_request = await asyncio.to_thread(self._build_request, engine, grounding, *parsed)
                             self.limiter.charge_prompt(client, len(gen_request.prompt_ids))
                             stream = engine.stream(gen_request, self.cfg.breaker.stall_seconds)
                         charged, charging = 0, self.limiter.limits_tokens
@@ -223,7 +245,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                             if charging and chunk.completion_tokens > charged:
                                 self.limiter.charge_tokens(client, chunk.completion_tokens - charged)
                                 charged = chunk.completion_tokens
-                            yield chunk, degraded, hits if chunk.finish_reason is not None else []
+                            yield chunk, degraded, grounding if chunk.finish_reason is not None else NO_GROUNDING
                 except (Refused, InvalidRequest, InvalidGeneration, EngineOverloaded) as e:
                     if isinstance(e, Refused):
                         status, ms = e.code, e.retry_after_ms

@@ -100,6 +100,23 @@ def cmd_kb(a) -> int:
     return 0
 
 
+def cmd_calibrate(a) -> int:
+    """Fit the citation confidence of the ranking the server will run (same encoder / reranker) on labelled
+    questions, choose the threshold, store both in the index."""
+    from . import calibration
+    from .retrieval import Retriever, RetrievalConfig
+    reranker = None
+    if a.reranker:
+        from .encoder import Reranker
+        reranker = Reranker(a.reranker)
+    ret = Retriever(a.index, _encoder(a.encoder), reranker)
+    cal = calibration.calibrate(ret, calibration.read_questions(a.questions), a.top_k or RetrievalConfig().top_k,
+                                a.precision)
+    calibration.save(a.index, cal)
+    print(f"{a.index}: {cal.summary()}", file=sys.stderr)
+    return 0
+
+
 def cmd_keys(a) -> int:
     from .auth import SCOPES, hash_key, new_key
     bad = set(a.scope.split(",")) - set(SCOPES)
@@ -202,6 +219,17 @@ def add_commands(sub) -> None:
         k.add_argument("--api-key", default=None, help="a key with the admin scope (default: $LAWCHAT_API_KEY)")
         k.add_argument("--timeout", type=float, default=60.0)
         k.set_defaults(func=cmd_kb)
+
+    s = sub.add_parser("calibrate", help="fit citation confidences on labelled questions and store them and the "
+                       "threshold in the index (answers then cite only articles that clear it)")
+    s.add_argument("index", help="a file made by `lawchat index`")
+    s.add_argument("questions", help="JSONL of {question, governing: [{law, article}]}, e.g. "
+                   "trainer/data/retrieval_questions.jsonl")
+    s.add_argument("--encoder", default=None, help="the encoder the server uses (calibrates the fused ranking)")
+    s.add_argument("--reranker", default=None, help="the cross-encoder the server uses")
+    s.add_argument("--precision", type=float, default=0.9, help="target precision of the citations shown")
+    s.add_argument("--top-k", type=int, default=None, help="citations an answer shows (default: retrieval.top_k)")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("keys", help="make an API key: the key goes to stderr, the line for the keys file to stdout")
     s.add_argument("action", choices=["new"])

@@ -83,6 +83,7 @@ class Reranker:
         except (OSError, ValueError) as e:
             raise EncoderError(f"retrieval.reranker: cannot load {self.path}: {e}") from None
         self.name = self.path.name
+        self.id = fingerprint(self.path)
         self.observe: Callable[[float], None] | None = None     # the server's reranker latency histogram
 
     def score(self, question: str, texts: list[str]) -> list[float]:

@@ -39,6 +39,8 @@ class Metrics:
                                           "re-score a question's candidates.", buckets=TOKEN_BUCKETS, registry=r)
         self.retrieval_failures = Counter("lawchat_retrieval_failures", "Requests refused because the retrieval "
                                           "backend (a search cluster) did not answer.", registry=r)
+        self.no_article = Counter("lawchat_retrieval_no_article", "Requests with retrieval on whose answer cites no "
+                                  "article: none cleared retrieval.min_confidence.", registry=r)
         self.running = Gauge("lawchat_requests_running", "Requests being generated now.", registry=r)
         self.waiting = Gauge("lawchat_requests_waiting", "Requests queued for the engine.", registry=r)
         self.admitted = Counter("lawchat_limiter_admitted", "Requests let through by the rate limiter.", registry=r)

@@ -212,9 +212,15 @@ def to_chat_request(body) -> tuple[chat_pb2.ChatRequest, bool, bool]:
     return req, stream, include_usage
 
 
+def grounding_dict(grounding) -> dict:
+    """`lawchat.citations` and `lawchat.no_governing_article` of an answer (chat_service.Grounding)."""
+    return {"citations": citation_dicts(grounding.hits), "no_governing_article": grounding.no_article}
+
+
 def citation_dicts(hits) -> list[dict]:
     from .chat_service import SNIPPET_CHARS
-    return [{"law": h.law, "article": h.article, "snippet": h.text[:SNIPPET_CHARS], "score": h.score} for h in hits]
+    return [{"law": h.law, "article": h.article, "snippet": h.text[:SNIPPET_CHARS], "score": h.score,
+             "confidence": h.confidence} for h in hits]
 
 
 def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unready):
@@ -269,16 +275,16 @@ def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unrea
         base = {"id": f"chatcmpl-{rid}", "created": int(t0), "model": req.adapter or model_name()}
         headers = {"x-request-id": rid}
         if not stream:
-            deltas, (chunk, degraded, hits) = [first[0].delta], first
+            deltas, (chunk, degraded, grounding) = [first[0].delta], first
             try:
-                async for chunk, degraded, hits in parts:
+                async for chunk, degraded, grounding in parts:
                     deltas.append(chunk.delta)
             except HttpError as e:
                 return error_response(e)
             return JSONResponse({**base, "object": "chat.completion", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": "".join(deltas)}, "logprobs": None,
                  "finish_reason": FINISH[chunk.finish_reason]}], "usage": usage(chunk),
-                "lawchat": {"degraded": degraded, "citations": citation_dicts(hits)}}, headers=headers)
+                "lawchat": {"degraded": degraded, **grounding_dict(grounding)}}, headers=headers)
         return StreamingResponse(sse(base, first, parts, include_usage), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
@@ -293,14 +299,14 @@ def build_http_app(chat, keys, slot, cfg: HttpConfig, max_body_bytes: int, unrea
         item = first
         try:
             while True:
-                chunk, degraded, hits = item
+                chunk, degraded, grounding = item
                 if chunk.finish_reason is None:
                     yield event({"index": 0, "delta": {"content": chunk.delta}, "logprobs": None,
                                  "finish_reason": None})
                 else:
                     yield event({"index": 0, "delta": {"content": chunk.delta} if chunk.delta else {},
                                  "logprobs": None, "finish_reason": FINISH[chunk.finish_reason]},
-                                lawchat={"degraded": degraded, "citations": citation_dicts(hits)})
+                                lawchat={"degraded": degraded, **grounding_dict(grounding)})
                     if include_usage:
                         yield event(None, usage=usage(chunk))
                     async for _ in parts:           # to its natural end: the request path records OK

@@ -81,4 +81,12 @@ def with_context(messages: list[dict], articles: list[tuple[str, str]], tokenize
     return messages[:-1] + [{"role": last["role"], "content": f"{block}\n\n问题：{last['content']}"}]
 
 
+def without_articles(messages: list[dict]) -> list[dict]:
+    """The conversation when retrieval found no article it trusts: the last user turn says so (NO_ARTICLE), so the
+    model answers without citing one as governing."""
+    last = messages[-1]
+    return messages[:-1] + [{"role": last["role"], "content": f"{NO_ARTICLE}\n\n问题：{last['content']}"}]
+
+
 CONTEXT_HEADER = "参考法条：\n"
+NO_ARTICLE = "参考法条：未找到可以确定适用于此问题的法条。"

@@ -57,6 +57,9 @@ class RetrievalConfig:
     default_enabled: bool = False     # for requests that leave retrieval.enabled unset
     top_k: int = 3                    # articles per request when the request does not say
     max_context_tokens: int = 512     # prompt tokens the articles may take (the last one is cut to fit)
+    min_confidence: float | None = None   # a citation below this calibrated confidence is neither shown nor put in
+                                      # the prompt (the answer says no governing article was found); null: the
+                                      # threshold `lawchat calibrate` chose (uncalibrated index: all shown); 0: all
     opensearch: OpenSearchConfig = field(default_factory=OpenSearchConfig)   # an existing cluster instead of the file
 
     def validate(self) -> None:
@@ -67,6 +70,11 @@ class RetrievalConfig:
             raise ValueError(f"retrieval.top_k must be in [1, {MAX_TOP_K}], got {self.top_k}")
         if self.max_context_tokens < 0:
             raise ValueError("retrieval.max_context_tokens must be >= 0")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"retrieval.min_confidence must be in [0, 1] or null, got {self.min_confidence}")
+        if self.min_confidence and self.opensearch.url is not None:
+            raise ValueError("retrieval.min_confidence: citations from OpenSearch carry no calibrated confidence "
+                             "(calibrate an embedded index with `lawchat calibrate`)")
         if self.index is not None and not Path(self.index).is_file():
             raise ValueError(f"retrieval.index: no such file: {self.index} (build it with `lawchat index`)")
         if self.encoder is not None and self.index is None:
@@ -92,6 +100,13 @@ def named_first(named: list[Hit], ranked: list[Hit], k: int) -> list[Hit]:
     """The named articles, then the ranked ones that are not among them; k in all."""
     seen = {(h.law, h.article) for h in named}
     return (named + [h for h in ranked if (h.law, h.article) not in seen])[:k]
+
+
+def trusted(hits: list[Hit], threshold: float | None) -> list[Hit]:
+    """The hits an answer may cite: all without a threshold, else those whose confidence clears it."""
+    if threshold is None:
+        return hits
+    return [h for h in hits if h.confidence is not None and h.confidence >= threshold]
 
 
 def open_retriever(cfg: RetrievalConfig):
@@ -122,6 +137,8 @@ class Hit:
     score: float      # higher is better (negated BM25; fused: the reciprocal-rank score)
     text: str
     id: int = 0       # the article's row in the index
+    confidence: float | None = None   # calibrated chance that it governs the question (1.0: named in it); None:
+                                      # the index holds no calibration of this ranking (lawchat calibrate)
 
     @property
     def heading(self) -> str:
@@ -377,6 +394,7 @@ class Retriever:
             raise ValueError(f"{self.path}: index schema {self.meta.get('schema')}, expected {SCHEMA_VERSION}; rebuild")
         self.encoder = encoder
         self.dense: DenseIndex | None = None
+        self._calibration = False       # not read yet
         if encoder is not None:
             from .encoder import EncoderError, check_encoder_meta
             try:
@@ -439,15 +457,37 @@ class Retriever:
 
     def search(self, question: str, k: int = 5, expand: bool = True, prior: bool = True,
                dense: bool = True, rerank: bool = True) -> list[Hit]:
-        """Articles the question names come first (exact lookup); then BM25, fused with the dense ranking when the
-        retriever has an encoder (and `dense`), the first RERANK_POOL re-scored by the cross-encoder when it has one
-        (and `rerank`). expand: everyday words also searched in the statutes' wording; prior: BM25's best PRIOR_POOL
-        re-ranked with the law-level prior (legal_terms.LAW_PRIOR). All off = plain BM25 (after the references)."""
+        """Articles the question names come first (exact lookup, confidence 1.0); then `ranked`."""
         named = self.referenced(question)
+        for h in named:
+            h.confidence = 1.0
         if len(named) >= k:
             return named[:k]
+        return named_first(named, self.ranked(question, k + len(named), expand, prior, dense, rerank), k)
+
+    @property
+    def variant(self) -> str:
+        """The served ranking, as calibrations are keyed: bm25, fused:<encoder>, ...+rerank:<cross-encoder>."""
+        name = "bm25" if self.dense is None else f"fused:{self.encoder.id}"
+        return name + (f"+rerank:{self.reranker.id}" if self.reranker is not None else "")
+
+    @property
+    def calibration(self):
+        """The served ranking's Calibration from the index's meta table (lawchat calibrate), or None."""
+        from . import calibration
+        if self._calibration is False:
+            row = self.con.execute("SELECT value FROM meta WHERE key = ?", (f"calibration:{self.variant}",)).fetchone()
+            self._calibration = calibration.Calibration(**json.loads(row[0])) if row else None
+        return self._calibration
+
+    def ranked(self, question: str, k: int, expand: bool = True, prior: bool = True, dense: bool = True,
+               rerank: bool = True) -> list[Hit]:
+        """BM25, fused with the dense ranking when the retriever has an encoder (and `dense`), the first RERANK_POOL
+        re-scored by the cross-encoder when it has one (and `rerank`); the served ranking (every switch on) gets
+        each hit's calibrated confidence. expand: everyday words also searched in the statutes' wording; prior:
+        BM25's best PRIOR_POOL re-ranked with the law-level prior (legal_terms.LAW_PRIOR). All off = plain BM25."""
         reranking = self.reranker is not None and rerank
-        pool = max(RERANK_POOL, k + len(named)) if reranking else k + len(named)
+        pool = max(RERANK_POOL, k) if reranking else k
         if self.dense is None or not dense:
             ranked = self._rank(question, pool, expand, prior)
         else:
@@ -455,7 +495,18 @@ class Retriever:
             ranked = self._fuse(lexical, self._dense(question, max(FUSION_POOL, pool)))
         if reranking:
             ranked = self._rerank(question, ranked[:pool])
-        return named_first(named, ranked, k)
+        ranked = ranked[:k]
+        served = expand and prior and (dense or self.dense is None) and (rerank or self.reranker is None)
+        if served and self.calibration is not None:
+            for h, c in zip(ranked, self.calibration.confidence([h.score for h in ranked])):
+                h.confidence = c
+        return ranked
+
+    def threshold(self, configured: float | None) -> float | None:
+        """The confidence a citation needs: the configured one, else the calibration's; None: every one is shown."""
+        if configured is not None:
+            return configured
+        return self.calibration.threshold if self.calibration is not None else None
 
     def _rerank(self, question: str, hits: list[Hit]) -> list[Hit]:
         """The cross-encoder's order of the candidates (its score kept as the hit's score)."""

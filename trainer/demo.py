@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from lawchat_server import legal_terms, retrieval
+from lawchat_server import calibration, legal_terms, retrieval
+from lawchat_server.retrieval import RetrievalConfig
 
 from . import base_model, demo_corpus
 from . import evaluate as eval_
@@ -23,7 +24,9 @@ from .finetune import finetune
 from .merge import merge
 from .prepare import prepare, print_report
 
-RETRIEVAL_CODE = (Path(legal_terms.__file__), Path(retrieval.__file__))   # what the retrieved context depends on
+CALIBRATION_QUESTIONS = "retrieval_questions.jsonl"    # labelled everyday questions the citation threshold is fit on
+RETRIEVAL_CODE = (Path(legal_terms.__file__), Path(retrieval.__file__),     # what the retrieved context depends on
+                  Path(calibration.__file__), Path(__file__).parent / "data" / CALIBRATION_QUESTIONS)
 
 STAMP = ".lawchat_step.json"
 BASE_RECIPE = 2                # bump when build_base's pretraining mix changes in code (2: copy practice without Q&A)
@@ -145,10 +148,15 @@ def pretrain_base(cfg: dict, out: Path) -> dict:
 
 
 def build_index(out: Path) -> dict:
-    from lawchat_server.retrieval import build_index as build
+    """The statute index, calibrated on the labelled tuning questions (citations below the threshold not shown)."""
+    from lawchat_server.retrieval import Retriever, build_index as build
     meta = build(out / INDEX_FILE, demo_corpus.find_laws_db())
     log(f"retrieval index: {meta['articles']} articles in {meta['build_seconds']} s")
-    return {"articles": meta["articles"]}
+    cal = calibration.calibrate(Retriever(out / INDEX_FILE), calibration.read_questions(
+        Path(__file__).parent / "data" / CALIBRATION_QUESTIONS), RetrievalConfig().top_k)
+    calibration.save(out / INDEX_FILE, cal)
+    log(f"retrieval index: {cal.summary()}")
+    return {"articles": meta["articles"], "citation_threshold": cal.threshold, "citation_precision": cal.precision}
 
 
 def cite_context(rows: list[dict], index: Path, ctx: dict) -> list[dict]:

@@ -78,15 +78,17 @@ def generate_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens:
                      trust_remote_code: bool = False, contexts: list[list[tuple[str, str]]] | None = None,
                      max_context_tokens: int = 512) -> list[str]:
     """Greedy answers through the serving engine (batched): eval scores exactly what `lawchat serve` answers.
-    contexts: per prompt, retrieved (heading, text) articles put in the prompt as the server does."""
+    contexts: per prompt, retrieved (heading, text) articles put in the prompt as the server does (none: none
+    cleared the index's confidence threshold)."""
     from lawchat_server.engine.engine import Engine, generate_batch
     from lawchat_server.engine.model_runner import load_runner
-    from lawchat_server.prompt import with_context
+    from lawchat_server.prompt import with_context, without_articles
 
     runner = load_runner(model_dir, device=device, trust_remote_code=trust_remote_code)
     if contexts is not None:     # at most half the model's length goes to articles, so the question still fits
-        budget = min(max_context_tokens, runner.max_len // 2)
-        prompts = [with_context(p, c, runner.tokenizer, budget) for p, c in zip(prompts, contexts)]
+        budget = min(max_context_tokens, runner.max_len // 2)   # no article retrieval trusts: the prompt says so
+        prompts = [with_context(p, c, runner.tokenizer, budget) if c else without_articles(p)
+                   for p, c in zip(prompts, contexts)]
     engine = Engine(runner)
     engine.start()
     try:
@@ -119,9 +121,10 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", c
     n = len(prompts)
     runs = [(str(m), None) for m in (compare, model_dir) if m is not None]
     if retrieval is not None:
-        from lawchat_server.retrieval import Retriever
+        from lawchat_server.retrieval import Retriever, trusted
         ret = Retriever(retrieval)
-        contexts = [[(h.heading, h.text) for h in ret.search(p[-1]["content"], retrieval_k)] for p in prompts + questions]
+        contexts = [[(h.heading, h.text) for h in trusted(ret.search(p[-1]["content"], retrieval_k), ret.threshold(None))]
+                    for p in prompts + questions]
         runs += [(f"{m} +retrieval", contexts) for m, _ in list(runs)]
     if everyday:
         report["everyday"] = {"questions": str(cite_questions), "models": {},

@@ -278,9 +278,13 @@ class CharTokens:
 
 def context_prompt(prompt: str, retriever, k: int, max_chars: int) -> tuple[str, list[str]]:
     """The user turn with the k best-matching articles before the question (prompt.with_context's wording, at most
-    max_chars of them) -> (that turn, the headings of the articles it shows)."""
-    from lawchat_server.prompt import with_context
-    hits = retriever.search(prompt, k)
+    max_chars of them) -> (that turn, the headings of the articles it shows). Only articles that clear the index's
+    calibrated confidence threshold, as the server shows them; none: the turn says so (prompt.without_articles)."""
+    from lawchat_server.prompt import with_context, without_articles
+    from lawchat_server.retrieval import trusted
+    hits = trusted(retriever.search(prompt, k), retriever.threshold(None))
+    if not hits:
+        return without_articles([{"role": "user", "content": prompt}])[-1]["content"], []
     content = with_context([{"role": "user", "content": prompt}], [(h.heading, h.text) for h in hits], CharTokens,
                            max_chars)[-1]["content"]
     return content, [h.heading for h in hits if h.heading in content]

@@ -136,7 +136,7 @@ def answer(client: LawchatClient, a, messages: list[dict]) -> str:
         text = r.text
         print(text)
         finish, prompt, completion, degraded = r.finish_reason, r.prompt_tokens, r.completion_tokens, r.degraded
-        citations = r.citations
+        citations, none_governs = r.citations, r.no_governing_article
     else:
         stream = client.chat_stream(messages, **kw)
         parts = []
@@ -148,11 +148,13 @@ def answer(client: LawchatClient, a, messages: list[dict]) -> str:
         text = "".join(parts)
         finish, prompt, completion, degraded = (stream.finish_reason, stream.prompt_tokens, stream.completion_tokens,
                                                 stream.degraded)
-        citations = stream.citations
+        citations, none_governs = stream.citations, stream.no_governing_article
     if a.cite:
-        print("\n引用法条：" if citations else "\n(no articles were cited)")
+        print("\n引用法条：" if citations else "\n未找到可以确定适用于此问题的法条。" if none_governs
+              else "\n(no articles were cited)")
         for i, c in enumerate(citations, 1):
-            print(f"[{i}] 《{c['law']}》{c['article']}：{c['snippet']}")
+            sure = f"（置信度 {c['confidence']:.0%}）" if c.get("confidence") is not None else ""
+            print(f"[{i}] 《{c['law']}》{c['article']}{sure}：{c['snippet']}")
     if degraded:
         print("[degraded: the server's canned answer, not the model's]", file=sys.stderr)
     if a.usage:

@@ -41,7 +41,9 @@ class ChatResult:
     completion_tokens: int
     request_id: str | None = None
     degraded: bool = False                 # the server's canned answer (model unavailable or switched off)
-    citations: list[dict] = field(default_factory=list)   # statute articles: {law, article, snippet, score}
+    citations: list[dict] = field(default_factory=list)   # statute articles: {law, article, snippet, score,
+                                                          # confidence (None: the server's index is uncalibrated)}
+    no_governing_article: bool = False     # retrieval on, but no article cleared the server's confidence threshold
 
 
 def to_messages(messages: Messages) -> list[chat_pb2.Message]:
@@ -56,7 +58,8 @@ def to_messages(messages: Messages) -> list[chat_pb2.Message]:
 
 
 def citations_of(citations) -> list[dict]:
-    return [{"law": c.law, "article": c.article, "snippet": c.snippet, "score": c.score} for c in citations]
+    return [{"law": c.law, "article": c.article, "snippet": c.snippet, "score": c.score,
+             "confidence": c.confidence if c.HasField("confidence") else None} for c in citations]
 
 
 def build_request(message_type, messages: Messages, o: ChatOptions):
@@ -82,7 +85,8 @@ def build_request(message_type, messages: Messages, o: ChatOptions):
 
 def result_of(resp, request_id: str | None) -> ChatResult:
     return ChatResult(resp.text, FINISH_REASONS.get(resp.finish_reason, "unknown"), resp.usage.prompt_tokens,
-                      resp.usage.completion_tokens, request_id, resp.degraded, citations_of(resp.citations))
+                      resp.usage.completion_tokens, request_id, resp.degraded, citations_of(resp.citations),
+                      resp.no_governing_article)
 
 
 class StreamState:
@@ -94,6 +98,7 @@ class StreamState:
         self.completion_tokens = 0
         self.degraded = False
         self.citations: list[dict] = []
+        self.no_governing_article = False
         self.yielded_text = False
 
     def read(self, msg) -> str:
@@ -104,6 +109,7 @@ class StreamState:
             self.prompt_tokens = msg.usage.prompt_tokens
             self.completion_tokens = msg.usage.completion_tokens
             self.citations = citations_of(msg.citations)
+            self.no_governing_article = msg.no_governing_article
         if msg.delta:
             self.yielded_text = True
         return msg.delta

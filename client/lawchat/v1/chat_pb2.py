@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lawchat/v1/chat.proto\x12\nlawchat.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"n\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"R\n\x10RetrievalOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_enabledB\x08\n\x06_top_k\"H\n\x08\x43itation\x12\x0b\n\x03law\x18\x01 \x01(\t\x12\x0f\n\x07\x61rticle\x18\x02 \x01(\t\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\"\xd8\x01\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.lawchat.v1.Message\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.lawchat.v1.SamplingParameters\x12.\n\x08stopping\x18\x03 \x01(\x0b\x32\x1c.lawchat.v1.StoppingCriteria\x12/\n\tretrieval\x18\x04 \x01(\x0b\x32\x1c.lawchat.v1.RetrievalOptions\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"\xaa\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.lawchat.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.lawchat.v1.Usage\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\'\n\tcitations\x18\x05 \x03(\x0b\x32\x14.lawchat.v1.Citation\"\xde\x01\n\x11\x43hatStreamRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.lawchat.v1.Message\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.lawchat.v1.SamplingParameters\x12.\n\x08stopping\x18\x03 \x01(\x0b\x32\x1c.lawchat.v1.StoppingCriteria\x12/\n\tretrieval\x18\x04 \x01(\x0b\x32\x1c.lawchat.v1.RetrievalOptions\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"\xb1\x01\n\x12\x43hatStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.lawchat.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.lawchat.v1.Usage\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\'\n\tcitations\x18\x05 \x03(\x0b\x32\x14.lawchat.v1.Citation\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r*\xa5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x01\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEGRADED\x10\x04\x32\x97\x01\n\x0b\x43hatService\x12\x39\n\x04\x43hat\x12\x17.lawchat.v1.ChatRequest\x1a\x18.lawchat.v1.ChatResponse\x12M\n\nChatStream\x12\x1d.lawchat.v1.ChatStreamRequest\x1a\x1e.lawchat.v1.ChatStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lawchat/v1/chat.proto\x12\nlawchat.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"n\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"R\n\x10RetrievalOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_enabledB\x08\n\x06_top_k\"p\n\x08\x43itation\x12\x0b\n\x03law\x18\x01 \x01(\t\x12\x0f\n\x07\x61rticle\x18\x02 \x01(\t\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x17\n\nconfidence\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_confidence\"\xd8\x01\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.lawchat.v1.Message\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.lawchat.v1.SamplingParameters\x12.\n\x08stopping\x18\x03 \x01(\x0b\x32\x1c.lawchat.v1.StoppingCriteria\x12/\n\tretrieval\x18\x04 \x01(\x0b\x32\x1c.lawchat.v1.RetrievalOptions\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"\xc8\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.lawchat.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.lawchat.v1.Usage\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\'\n\tcitations\x18\x05 \x03(\x0b\x32\x14.lawchat.v1.Citation\x12\x1c\n\x14no_governing_article\x18\x06 \x01(\x08\"\xde\x01\n\x11\x43hatStreamRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.lawchat.v1.Message\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.lawchat.v1.SamplingParameters\x12.\n\x08stopping\x18\x03 \x01(\x0b\x32\x1c.lawchat.v1.StoppingCriteria\x12/\n\tretrieval\x18\x04 \x01(\x0b\x32\x1c.lawchat.v1.RetrievalOptions\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"\xcf\x01\n\x12\x43hatStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.lawchat.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.lawchat.v1.Usage\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\'\n\tcitations\x18\x05 \x03(\x0b\x32\x14.lawchat.v1.Citation\x12\x1c\n\x14no_governing_article\x18\x06 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r*\xa5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x01\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEGRADED\x10\x04\x32\x97\x01\n\x0b\x43hatService\x12\x39\n\x04\x43hat\x12\x17.lawchat.v1.ChatRequest\x1a\x18.lawchat.v1.ChatResponse\x12M\n\nChatStream\x12\x1d.lawchat.v1.ChatStreamRequest\x1a\x1e.lawchat.v1.ChatStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lawchat.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1359
-  _globals['_FINISHREASON']._serialized_end=1524
+  _globals['_FINISHREASON']._serialized_start=1459
+  _globals['_FINISHREASON']._serialized_end=1624
   _globals['_MESSAGE']._serialized_start=37
   _globals['_MESSAGE']._serialized_end=77
   _globals['_SAMPLINGPARAMETERS']._serialized_start=80
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVALOPTIONS']._serialized_start=344
   _globals['_RETRIEVALOPTIONS']._serialized_end=426
   _globals['_CITATION']._serialized_start=428
-  _globals['_CITATION']._serialized_end=500
-  _globals['_CHATREQUEST']._serialized_start=503
-  _globals['_CHATREQUEST']._serialized_end=719
-  _globals['_CHATRESPONSE']._serialized_start=722
-  _globals['_CHATRESPONSE']._serialized_end=892
-  _globals['_CHATSTREAMREQUEST']._serialized_start=895
-  _globals['_CHATSTREAMREQUEST']._serialized_end=1117
-  _globals['_CHATSTREAMRESPONSE']._serialized_start=1120
-  _globals['_CHATSTREAMRESPONSE']._serialized_end=1297
-  _globals['_USAGE']._serialized_start=1299
-  _globals['_USAGE']._serialized_end=1356
-  _globals['_CHATSERVICE']._serialized_start=1527
-  _globals['_CHATSERVICE']._serialized_end=1678
+  _globals['_CITATION']._serialized_end=540
+  _globals['_CHATREQUEST']._serialized_start=543
+  _globals['_CHATREQUEST']._serialized_end=759
+  _globals['_CHATRESPONSE']._serialized_start=762
+  _globals['_CHATRESPONSE']._serialized_end=962
+  _globals['_CHATSTREAMREQUEST']._serialized_start=965
+  _globals['_CHATSTREAMREQUEST']._serialized_end=1187
+  _globals['_CHATSTREAMRESPONSE']._serialized_start=1190
+  _globals['_CHATSTREAMRESPONSE']._serialized_end=1397
+  _globals['_USAGE']._serialized_start=1399
+  _globals['_USAGE']._serialized_end=1456
+  _globals['_CHATSERVICE']._serialized_start=1627
+  _globals['_CHATSERVICE']._serialized_end=1778
 # @@protoc_insertion_point(module_scope)
