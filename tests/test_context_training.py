@@ -88,6 +88,7 @@ def test_demo_with_context_trains_on_the_articles_it_names(tmp_path):
     import yaml
 
     from conftest import TINY_CONFIG
+    from lawchat_server.prompt import NO_ARTICLE
     from lawchat_trainer.demo import build_demo
     cfg = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
     cfg["context"] = {"top_k": 2, "max_chars": 200}
@@ -99,7 +100,11 @@ def test_demo_with_context_trains_on_the_articles_it_names(tmp_path):
             (tmp_path / "demo" / "data" / "prepared" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert all(c[0]["content"].startswith("参考法条：") for c in rows)
     cited = [c for c in rows if c[1]["content"].startswith("依据《")]
-    assert len(cited) >= 10
+    assert len(cited) >= 3
+    # everyday questions whose articles do not clear the index's calibrated threshold: the prompt says none was
+    # found (as the server's does) and the reply names none
+    none_found = [c for c in rows if c[0]["content"].startswith(NO_ARTICLE)]
+    assert len(none_found) >= 5 and not any(c[1]["content"].startswith("依据") for c in none_found)
     for user, reply in ((c[0]["content"], c[1]["content"]) for c in cited):
         names = reply[2:reply.index("：")].split("、")
         assert names and all(n in user.split("\n\n问题：")[0] for n in names)    # only articles the prompt shows

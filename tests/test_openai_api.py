@@ -61,7 +61,7 @@ def test_sync_sdk_gets_the_grpc_answer_whole_and_streamed(server, keys):
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, completion_tokens)
     assert r.choices[0].finish_reason in ("stop", "length") and r.model == MODEL
-    assert r.lawchat == {"degraded": False, "citations": []}           # the extension field, read by the SDK
+    assert r.lawchat == {"degraded": False, "citations": [], "no_governing_article": False}         # the extension field, read by the SDK
     assert r._request_id and r.id == f"chatcmpl-{r._request_id}"
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
                                                  max_completion_tokens=12, stream=True,
