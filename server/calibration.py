@@ -57,6 +57,17 @@ class Calibration:
         logit = self.weights[0] + z @ np.array(self.weights[1:])
         return [round(float(p), 4) for p in 1.0 / (1.0 + np.exp(-logit))]
 
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        """A stored calibration, checked (ValueError/TypeError): a hand-edited row must not fail requests later."""
+        cal = cls(**json.loads(text))
+        numbers = [*cal.mean, *cal.scale, *cal.weights, cal.threshold]
+        if (len(cal.mean), len(cal.scale), len(cal.weights)) != (len(FEATURES), len(FEATURES), len(FEATURES) + 1) \
+                or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) \
+                or not all(x > 0 for x in cal.scale) or not 0.0 <= cal.threshold <= 1.0:
+            raise ValueError("expected finite weights for the features and a threshold in [0, 1]")
+        return cal
+
     @property
     def target_met(self) -> bool:
         return self.precision >= self.target_precision

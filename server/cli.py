@@ -109,7 +109,7 @@ def cmd_calibrate(a) -> int:
     if a.reranker:
         from .encoder import Reranker
         reranker = Reranker(a.reranker)
-    ret = Retriever(a.index, _encoder(a.encoder), reranker)
+    ret = Retriever(a.index, _encoder(a.encoder), reranker, calibrated=False)
     cal = calibration.calibrate(ret, calibration.read_questions(a.questions), a.top_k or RetrievalConfig().top_k,
                                 a.precision)
     calibration.save(a.index, cal)

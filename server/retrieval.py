@@ -377,7 +377,7 @@ def recover(index: Path) -> None:
 
 
 class Retriever:
-    def __init__(self, index_path: str | Path, encoder=None, reranker=None):
+    def __init__(self, index_path: str | Path, encoder=None, reranker=None, calibrated: bool = True):
         self.path = Path(index_path)
         self.reranker = reranker
         if not self.path.is_file():
@@ -394,7 +394,6 @@ class Retriever:
             raise ValueError(f"{self.path}: index schema {self.meta.get('schema')}, expected {SCHEMA_VERSION}; rebuild")
         self.encoder = encoder
         self.dense: DenseIndex | None = None
-        self._calibration = False       # not read yet
         if encoder is not None:
             from .encoder import EncoderError, check_encoder_meta
             try:
@@ -408,6 +407,7 @@ class Retriever:
                                  f"with `lawchat index {self.path} --encoder {encoder.path}`")
             self.dense = DenseIndex(encoder)
             self.dense.sync(self.con, self.version())
+        self.calibration = self._read_calibration() if calibrated else None    # False: `lawchat calibrate` refits
 
     @property
     def con(self) -> sqlite3.Connection:
@@ -471,14 +471,18 @@ class Retriever:
         name = "bm25" if self.dense is None else f"fused:{self.encoder.id}"
         return name + (f"+rerank:{self.reranker.id}" if self.reranker is not None else "")
 
-    @property
-    def calibration(self):
-        """The served ranking's Calibration from the index's meta table (lawchat calibrate), or None."""
+    def _read_calibration(self):
+        """The served ranking's Calibration from the index's meta table (lawchat calibrate), or None; read at start
+        (a running server takes a new calibration when it restarts)."""
         from . import calibration
-        if self._calibration is False:
-            row = self.con.execute("SELECT value FROM meta WHERE key = ?", (f"calibration:{self.variant}",)).fetchone()
-            self._calibration = calibration.Calibration(**json.loads(row[0])) if row else None
-        return self._calibration
+        row = self.con.execute("SELECT value FROM meta WHERE key = ?", (f"calibration:{self.variant}",)).fetchone()
+        if row is None:
+            return None
+        try:
+            return calibration.Calibration.from_json(row[0])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{self.path}: its citation calibration is unreadable ({e}); run `lawchat calibrate` "
+                             "again") from None
 
     def ranked(self, question: str, k: int, expand: bool = True, prior: bool = True, dense: bool = True,
                rerank: bool = True) -> list[Hit]:

@@ -147,3 +147,26 @@ def test_an_uncalibrated_index_shows_every_citation_without_confidence(runner, l
     hits = ret.search(WEAK, 2)
     assert hits and trusted(hits, None) == hits and all(h.confidence is None for h in hits)
     assert json.loads(json.dumps([h.confidence for h in hits])) == [None] * len(hits)
+
+
+def test_an_unreadable_calibration_stops_the_server_at_start_and_calibrate_repairs_it(laws_db, tmp_path):  # noqa: F811
+    import sqlite3
+    index = tmp_path / "laws.sqlite"
+    build_index(index, laws_db)
+    with sqlite3.connect(index) as con:
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('calibration:bm25', ?)",
+                    (json.dumps({**calibration.asdict(calibration.Calibration(
+                        "bm25", [0.0] * 4, [1.0] * 4, [0.0] * 5, 0.5, 0.9, 0.9, 0.5, 10, 20, 3)), "threshold": 7}),))
+    with pytest.raises(ValueError, match="calibration is unreadable"):
+        Retriever(index)
+    out = subprocess.run([str(BIN / "lawchat"), "serve", "--model", "none", "--retrieval-index", str(index)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "calibration is unreadable" in out.stderr
+    labelled = tmp_path / "q.jsonl"
+    labelled.write_text("".join(json.dumps({"question": q, "governing": [{"law": "劳动合同法", "article": a}]},
+                                           ensure_ascii=False) + "\n" for q, a in [(STRONG, "第三十条"),
+                                           ("试用期最长多久", "第十九条"), ("工资怎么发", "第三十条")] * 8), encoding="utf-8")
+    out = subprocess.run([str(BIN / "lawchat"), "calibrate", str(index), str(labelled), "--top-k", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 0 <= Retriever(index).calibration.threshold <= 1
