@@ -140,15 +140,27 @@ def read_questions(path: str | Path) -> list[dict]:
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        item = json.loads(line)
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item.get("governing"):
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+        governing = item.get("governing") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not governing \
+                or not isinstance(governing, list) or not all(isinstance(g, dict) and isinstance(g.get("law"), str)
+                                                              and isinstance(g.get("article"), str) for g in governing):
             raise ValueError(f"{path}:{n}: expected {{question, governing: [{{law, article}}]}}")
         items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no labelled questions")
     return items
 
 
 def calibrate(retriever, questions: list[dict], top_k: int, target_precision: float = 0.9) -> Calibration:
     """Fit the retriever's variant on the labelled questions (their named articles aside: those are exact)."""
+    if not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"the target precision must be in (0, 1], got {target_precision}")
+    if not 1 <= top_k <= POOL:
+        raise ValueError(f"top_k must be in [1, {POOL}], got {top_k}")
     rankings = []
     for item in questions:
         want = {(g["law"], g["article"]) for g in item["governing"]}

@@ -110,8 +110,8 @@ def cmd_calibrate(a) -> int:
         from .encoder import Reranker
         reranker = Reranker(a.reranker)
     ret = Retriever(a.index, _encoder(a.encoder), reranker, calibrated=False)
-    cal = calibration.calibrate(ret, calibration.read_questions(a.questions), a.top_k or RetrievalConfig().top_k,
-                                a.precision)
+    top_k = a.top_k if a.top_k is not None else RetrievalConfig().top_k
+    cal = calibration.calibrate(ret, calibration.read_questions(a.questions), top_k, a.precision)
     calibration.save(a.index, cal)
     print(f"{a.index}: {cal.summary()}", file=sys.stderr)
     return 0

@@ -64,9 +64,15 @@ def test_calibrated_threshold_raises_held_out_citation_precision(tmp_path):
     named = ret.search("劳动合同法第三十九条是怎么规定的？", 3)[0]
     assert (named.article, named.confidence) == ("第三十九条", 1.0)          # an article the question names
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "x"}\n', encoding="utf-8")
-    out = subprocess.run([str(BIN / "lawchat"), "calibrate", str(index), str(bad)], capture_output=True, text=True)
-    assert out.returncode == 2 and "bad.jsonl:1" in out.stderr
+    for text, want in [('{"question": "x"}\n', "bad.jsonl:1"), ('{"question": "x", "governing": [{"law": 1}]}', "bad.jsonl:1"),
+                       ("\n{oops\n", "bad.jsonl:2: not JSON"), ("\n", "no labelled questions")]:
+        bad.write_text(text, encoding="utf-8")
+        out = subprocess.run([str(BIN / "lawchat"), "calibrate", str(index), str(bad)], capture_output=True, text=True)
+        assert out.returncode == 2 and want in out.stderr, out.stderr
+    for flags, want in [(["--precision", "nan"], "target precision"), (["--top-k", "0"], "top_k")]:
+        out = subprocess.run([str(BIN / "lawchat"), "calibrate", str(index), str(TUNING), *flags], capture_output=True,
+                             text=True)
+        assert out.returncode == 2 and want in out.stderr, out.stderr
 
 
 @pytest.fixture(scope="module")
