@@ -19,6 +19,14 @@ READY_RE = re.compile(r"lawchat serve: ready grpc=(\S+) metrics=(\S+)")
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def base_cache_dir(tmp_path_factory) -> Path:
+    """Demo builds in tests (and the servers and CLIs they start) cache pretrained bases here, not in ~/.cache."""
+    path = tmp_path_factory.mktemp("lawchat-cache")
+    os.environ["LAWCHAT_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """prepare → train → merge on laws.db with toy sizes; returns the demo workdir."""

@@ -124,7 +124,7 @@ def test_base_copy_practice_copies_a_quoted_article_but_answers_no_question(monk
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
     seen = {}
     monkeypatch.setattr(demo.base_model, "make_base_model", lambda tok, texts, *a: seen.update(texts=texts) or {})
-    demo.pretrain_base(cfg, None)          # what shipped_base: false (and scripts/ship_demo_base.py) runs
+    demo.pretrain_base(cfg, None)          # what a build without a cached base runs
     copies = [t for t in seen["texts"] if t.startswith(CONTEXT_HEADER)]
     focus = read_articles(find_laws_db(), cfg["laws"])
     assert len(copies) == sum(len(a.text) <= 220 for a in focus) * cfg["context"]["pretrain_copies"] > 100

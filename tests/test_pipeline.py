@@ -134,40 +134,40 @@ def test_eval_cli_on_a_tiny_split(tiny_demo, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_shipped_base_was_pretrained_from_the_demo_recipe():
-    """trainer/data/demo_base is configs/demo.yaml's base: its recipe key is the config's (edit the base recipe
-    and this fails until `python scripts/ship_demo_base.py` re-ships it), and its weights have the config's shape."""
-    from safetensors import safe_open
+def test_the_pretrained_base_is_cached_outside_the_checkout_and_reused(tiny_demo, tmp_path, monkeypatch):
+    """The first build pretrains and caches the base under $LAWCHAT_CACHE_DIR (bf16, its recipe key); the next build
+    of the same recipe copies it (fp32 of those bf16 weights, the same tokenizer) instead of pretraining; another
+    recipe, or base_cache: false, pretrains."""
+    import shutil
 
-    from lawchat_trainer.demo import SHIPPED_BASE, base_key, load_demo_config, shipped_base
-    cfg = load_demo_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
-    assert shipped_base(base_key(cfg)) == SHIPPED_BASE
-    with safe_open(SHIPPED_BASE / "model.safetensors", "pt") as st:
-        shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
-    assert shapes["model.embed_tokens.weight"] == [cfg["vocab_size"], cfg["model"]["hidden_size"]]
-    assert sum(1 for k in shapes if k.endswith("self_attn.o_proj.weight")) == cfg["model"]["num_hidden_layers"]
-    other = {**cfg, "pretrain": {**cfg["pretrain"], "steps": cfg["pretrain"]["steps"] + 1}}
-    assert shipped_base(base_key(other)) is None          # another recipe pretrains
-
-
-def test_a_shipped_base_of_the_recipe_is_copied_not_pretrained(tiny_demo, tmp_path, monkeypatch):
-    """The base step takes a shipped base whose key matches (fp32 copies of its bf16 weights, the same tokenizer),
-    and pretrains when the config says shipped_base: false."""
     from safetensors.torch import load_file
 
     from lawchat_trainer import demo
     cfg = demo.load_demo_config(TINY_CONFIG)
-    key = demo.base_key(cfg)
-    demo.ship_base(tiny_demo / "base", key, {"params": 1}, tmp_path / "shipped")
-    monkeypatch.setattr(demo, "SHIPPED_BASE", tmp_path / "shipped")
-    monkeypatch.setattr(demo, "pretrain_base", lambda cfg, out: {"pretrained": True})
-    out = tmp_path / "base"
-    out.mkdir()
-    assert demo.build_base(cfg, out)["shipped"] == str(tmp_path / "shipped")
-    got, ref = load_file(out / "model.safetensors"), load_file(tiny_demo / "base" / "model.safetensors")
+    monkeypatch.setenv("LAWCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    pretrained = []
+
+    def pretrain(cfg, out):                        # the tiny demo's base stands in for a pretraining run
+        pretrained.append(out)
+        for f in (tiny_demo / "base").iterdir():
+            if f.is_file() and f.name != demo.STAMP:
+                shutil.copy2(f, out / f.name)
+        return {"params": 1}
+    monkeypatch.setattr(demo, "pretrain_base", pretrain)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    assert demo.build_base(cfg, first) == {"params": 1} and len(pretrained) == 1
+    cached = demo.base_cache(demo.base_key(cfg))
+    assert cached.parent.parent == tmp_path / "cache" and (cached / demo.CACHE_STAMP).is_file()
+    assert demo.build_base(cfg, second)["cached"] == str(cached) and len(pretrained) == 1
+    got, ref = load_file(second / "model.safetensors"), load_file(tiny_demo / "base" / "model.safetensors")
     assert got.keys() == ref.keys()
     for k in ref:
         assert got[k].dtype == torch.float32
         torch.testing.assert_close(got[k], ref[k].to(torch.bfloat16).float(), atol=0, rtol=0)
-    assert (out / "tokenizer.json").read_bytes() == (tiny_demo / "base" / "tokenizer.json").read_bytes()
-    assert demo.build_base({**cfg, "shipped_base": False}, tmp_path) == {"pretrained": True}
+    assert (second / "tokenizer.json").read_bytes() == (tiny_demo / "base" / "tokenizer.json").read_bytes()
+    other = {**cfg, "pretrain": {**cfg["pretrain"], "steps": cfg["pretrain"]["steps"] + 1}}
+    demo.build_base(other, tmp_path)
+    demo.build_base({**cfg, "base_cache": False}, tmp_path)
+    assert len(pretrained) == 3 and not [p for p in (tmp_path / "cache" / "demo_base").iterdir() if p.name[0] == "."]

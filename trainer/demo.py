@@ -1,7 +1,7 @@
 """demo: build the offline demo legal assistant, step by step, reusing every step already built.
 
-laws.db -> base/ (tokenizer + tiny GLM pretrained on statutes; shipped pretrained in data/demo_base for
-        configs/demo.yaml's recipe: the stand-in for downloading ChatGLM3-6B) -> data/lawzhidao_sample.csv
+laws.db -> base/ (tokenizer + tiny GLM pretrained on statutes, the stand-in for downloading ChatGLM3-6B; kept in
+        the base cache outside the checkout, so later clones reuse it) -> data/lawzhidao_sample.csv
         -> data/prepared/*.jsonl -> lora/final (PEFT adapter) -> merged/ (what `lawchat serve` loads)
         -> eval/report.json (ROUGE/BLEU on the test split, base vs fine-tuned)
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,8 @@ STAMP = ".lawchat_step.json"
 BASE_RECIPE = 2                # bump when build_base's pretraining mix changes in code (2: copy practice without Q&A)
 INDEX_FILE = "laws.sqlite"      # runs/demo/index/laws.sqlite: every article in force, for context and citations
 CITE_QUESTIONS = Path(__file__).parent / "data" / "retrieval_questions.jsonl"
-SHIPPED_BASE = Path(__file__).parent / "data" / "demo_base"   # configs/demo.yaml's base, pretrained once (bf16)
-SHIPPED_STAMP = "lawchat_base.json"
+CACHE_ENV = "LAWCHAT_CACHE_DIR"   # where pretrained demo bases are kept (default ~/.cache/lawchat), one dir per recipe
+CACHE_STAMP = "lawchat_base.json"
 SAMPLE_QUESTION = "劳动合同法第三十九条是怎么规定的？"
 
 
@@ -72,58 +73,68 @@ def base_key(cfg: dict) -> str:
                   cfg["pretrain"], cfg["pretrain_qa_per_article"], cfg["seed"], everyday, ctx)
 
 
-def shipped_base(key: str, where: Path | None = None) -> Path | None:
-    """The base shipped in the package when it was pretrained from this very recipe, else None."""
-    where = where or SHIPPED_BASE
-    stamp = where / SHIPPED_STAMP
-    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("key") == key:
-        return where
-    return None
+def base_cache(key: str) -> Path:
+    """The cached base of this recipe: $LAWCHAT_CACHE_DIR (or ~/.cache/lawchat)/demo_base/<key> — outside the
+    checkout (no weights in git), shared by every clone on the machine, copyable to an air-gapped one."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lawchat")
+    return root / "demo_base" / key
 
 
 def copy_base(src: Path, out: Path) -> dict:
-    """A shipped (bf16) base into out/ as the fp32 model the pretraining would have written, tokenizer included."""
+    """A cached (bf16) base into out/ as the fp32 model the pretraining would have written, tokenizer included."""
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
     for f in src.iterdir():
-        if f.name not in ("model.safetensors", SHIPPED_STAMP):
+        if f.name not in ("model.safetensors", CACHE_STAMP):
             shutil.copy2(f, out / f.name)
     weights = {k: v.to(torch.float32) for k, v in load_file(src / "model.safetensors").items()}
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    info = json.loads((src / SHIPPED_STAMP).read_text(encoding="utf-8"))
-    return {"shipped": str(src), **info.get("pretrain", {})}
+    info = json.loads((src / CACHE_STAMP).read_text(encoding="utf-8"))
+    return {"cached": str(src), **info.get("pretrain", {})}
 
 
-def ship_base(src: Path, key: str, info: dict, dest: Path = SHIPPED_BASE) -> int:
-    """Write a pretrained base dir into dest as bf16 safetensors + its recipe key (scripts/ship_demo_base.py);
-    -> bytes written."""
+def cache_base(src: Path, key: str, info: dict, dest: Path) -> int:
+    """Write a pretrained base dir into dest as bf16 safetensors + its recipe key; written beside dest and renamed
+    (a build cut short or another clone caching the same recipe leaves no half copy); -> bytes written."""
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for f in src.iterdir():
         if f.is_file() and f.name not in ("model.safetensors", STAMP):
-            shutil.copy2(f, dest / f.name)
+            shutil.copy2(f, tmp / f.name)
     weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(src / "model.safetensors").items()}
-    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
-    (dest / SHIPPED_STAMP).write_text(json.dumps(
-        {"key": key, "weights": "bfloat16 (copied to fp32 by lawchat demo)",
-         "made_by": "python scripts/ship_demo_base.py", "pretrain": info}, ensure_ascii=False, indent=2) + "\n")
-    return sum(f.stat().st_size for f in dest.iterdir())
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / CACHE_STAMP).write_text(json.dumps(
+        {"key": key, "weights": "bfloat16 (copied to fp32 by lawchat demo)", "pretrain": info},
+        ensure_ascii=False, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in tmp.iterdir())
+    shutil.rmtree(dest, ignore_errors=True)          # an older, unstamped copy
+    try:
+        tmp.rename(dest)
+    except OSError:                                  # another build cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return size
 
 
 def build_base(cfg: dict, out: Path) -> dict:
-    src = shipped_base(base_key(cfg)) if cfg.get("shipped_base", True) else None
-    if src is not None:
-        log(f"base model: the pretrained base shipped in {src} (built from this recipe by scripts/ship_demo_base.py;"
-            " shipped_base: false pretrains it here, ~7-10 min on 2 cores)")
-        return copy_base(src, out)
-    return pretrain_base(cfg, out)
+    """The recipe's cached base when there is one (base_cache: true), else pretrained here and then cached."""
+    if not cfg.get("base_cache", True):
+        return pretrain_base(cfg, out)
+    key = base_key(cfg)
+    cached = base_cache(key)
+    if (cached / CACHE_STAMP).is_file():
+        log(f"base model: the base pretrained from this recipe earlier, cached in {cached}")
+        return copy_base(cached, out)
+    info = pretrain_base(cfg, out)
+    size = cache_base(out, key, info, cached)
+    log(f"base model: cached in {cached} ({size / 1e6:.1f} MB) for later builds and clones")
+    return info
 
 
 def pretrain_base(cfg: dict, out: Path) -> dict:
