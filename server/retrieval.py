@@ -407,7 +407,7 @@ class Retriever:
                                  f"with `lawchat index {self.path} --encoder {encoder.path}`")
             self.dense = DenseIndex(encoder)
             self.dense.sync(self.con, self.version())
-        self.calibration = self._read_calibration() if calibrated else None    # False: `lawchat calibrate` refits
+        self.calibration = self._read_calibration() if calibrated else None    # calibrated=False: for refitting
 
     @property
     def con(self) -> sqlite3.Connection:
