@@ -6,6 +6,7 @@ resolve against a different package source than `pip install` does. Read through
 """
 from __future__ import annotations
 
+import ast
 import shlex
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import sys
 # pip key -> uv flag; keys holding several values separate them by whitespace
 FLAGS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
          "constraint": "--constraint"}
+SWITCHES = {"no-index": "--no-index"}    # pip key (true/false) -> uv flag
 
 
 def read_pip_config() -> dict[str, str]:
-    """pip's effective settings, the environment's (:env:) over the files' (global/user/site)."""
+    """pip's effective settings for `pip install`: the environment's (PIP_*) over the files' ([install] over
+    [global])."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
     files, env = {}, {}
     for line in out.splitlines():
@@ -24,7 +27,7 @@ def read_pip_config() -> dict[str, str]:
         section, _, key = name.rpartition(".")
         if section not in (":env:", "global", "install") or not value:
             continue
-        (env if section == ":env:" else files)[key] = shlex.split(value)[0] if value[0] in "'\"" else value
+        (env if section == ":env:" else files)[key] = ast.literal_eval(value)     # pip prints each value's repr()
     return {**files, **env}
 
 
@@ -33,6 +36,7 @@ def uv_flags(config: dict[str, str]) -> list[str]:
     for key, flag in FLAGS.items():
         for value in config.get(key, "").split():
             flags += [flag, value]
+    flags += [flag for key, flag in SWITCHES.items() if config.get(key, "").lower() in ("1", "true", "yes", "on")]
     if "extra-index-url" in config:   # pip takes the best version over all indexes; uv's default is the first index
         flags += ["--index-strategy", "unsafe-best-match"]
     return flags
