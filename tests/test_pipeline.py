@@ -171,3 +171,25 @@ def test_the_pretrained_base_is_cached_outside_the_checkout_and_reused(tiny_demo
     demo.build_base(other, tmp_path)
     demo.build_base({**cfg, "base_cache": False}, tmp_path)
     assert len(pretrained) == 3 and not [p for p in (tmp_path / "cache" / "demo_base").iterdir() if p.name[0] == "."]
+
+
+def test_pretraining_batches_need_no_padding_mask():
+    """base_model.pretrain passes no attention mask: make_batch pads on the right, so under causal attention every
+    real token sees only real tokens and the loss equals the masked one (per row too)."""
+    from lawchat_trainer import base_model as bm
+    texts = ["劳动合同法第三十九条规定：劳动者在试用期间被证明不符合录用条件的，用人单位可以解除劳动合同。",
+             "第十九条 劳动合同期限三个月以上不满一年的，试用期不得超过一个月。", "问：试用期多长？答：不得超过六个月。"]
+    tok = bm.train_tokenizer(texts * 4, 400)
+    torch.manual_seed(0)
+    model = bm.build_model(tok, bm.ModelShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                              num_key_value_heads=1, head_dim=32, intermediate_size=128)).eval()
+    docs = bm.encode_documents(tok, texts, 64)
+    assert len({len(d) for d in docs}) == 3                       # rows of three lengths: two carry padding
+    ids, labels = bm.make_batch(docs, tok.pad_token_id)
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=labels)
+        masked = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels)
+        for row, d in enumerate(docs):                            # each row's real logits match the row alone
+            alone = model(input_ids=torch.tensor([d])).logits[0]
+            torch.testing.assert_close(plain.logits[row, :len(d)], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain.loss, masked.loss, atol=1e-5, rtol=1e-5)
