@@ -1,0 +1,126 @@
+"""profile_engine: the engine alone (no gRPC), N streams at once, and how busy the GPU is during its decode steps.
+
+    python scripts/profile_engine.py --random-glm6b /tmp/glm6b --tokenizer runs/gpu-tok --streams 256
+
+Runs the Engine in this process (scheduler, runner, output thread, detokenizer; CUDA graphs, overlap) on random
+prompts, then a torch.profiler window of --window steps once every stream decodes. Prints the round (tok/s, step
+time), the engine thread's split per step, and for the window: GPU busy time (union of kernel intervals) against
+the wall time, the largest gaps between kernels and the kernels by GPU time. A step that takes longer than its
+kernels is host-bound (or waits on a sync); the same command with --no-overlap shows the overlap's share.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lawchat_server.engine.config import EngineConfig
+from lawchat_server.engine.engine import Engine, GenerationRequest
+from lawchat_server.engine.model_runner import load_runner
+from lawchat_server.engine.sampler import SamplingParams
+
+
+def busy_and_gaps(events) -> tuple[float, float, list[float]]:
+    """Kernel (start, end) µs intervals -> (busy µs as their union, span µs, the gaps between them)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    if not spans:
+        return 0.0, 0.0, []
+    busy, gaps = 0.0, []
+    cur_s, cur_e = spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return busy, spans[-1][1] - spans[0][0], gaps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--random-glm6b", type=Path, default=Path("/tmp/glm6b"))
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--streams", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--window", type=int, default=30, help="decode steps in the profiler window")
+    ap.add_argument("--no-overlap", action="store_true")
+    a = ap.parse_args()
+    if not (a.random_glm6b / "config.json").is_file():
+        from lawchat_trainer.random_model import make_random_model
+        make_random_model(a.random_glm6b, a.tokenizer, device="cuda")
+    cfg = EngineConfig(max_num_seqs=max(a.streams, 1), max_waiting=4 * a.streams, overlap=not a.no_overlap)
+    runner = load_runner(a.random_glm6b, device="cuda", config=cfg)
+    engine = Engine(runner, cfg)
+    engine.start()
+    engine.warmup()
+    rng = random.Random(1)
+
+    def requests(n: int) -> list[GenerationRequest]:
+        return [GenerationRequest([rng.randrange(100, 30000) for _ in range(a.prompt_tokens)], SamplingParams(),
+                                  a.new_tokens, ignore_eos=True) for _ in range(n)]
+
+    async def run(reqs, on_all_decoding=None) -> list[float]:
+        firsts: list[float] = []
+        t0 = time.perf_counter()
+
+        async def one(r):
+            first = True
+            async for _ in engine.stream(r):
+                if first:
+                    firsts.append(time.perf_counter() - t0)
+                    first = False
+                    if on_all_decoding and len(firsts) == len(reqs):
+                        on_all_decoding()
+        await asyncio.gather(*[one(r) for r in reqs])
+        return firsts
+
+    asyncio.run(run(requests(min(a.streams, 16))))                 # warm: connections of the loop, shapes
+    for name, prof_on in (("round", False), ("profiled round", True)):
+        steps0, timing0 = engine._steps, dict(engine.timing)
+        window: dict = {}
+
+        def start_window():
+            if prof_on:
+                def go():
+                    s0 = engine._steps
+                    with profile(activities=[ProfilerActivity.CUDA]) as p:
+                        while engine._steps < s0 + a.window:
+                            time.sleep(0.0005)
+                    window.update(prof=p, steps=engine._steps - s0)
+                threading.Thread(target=go, daemon=True).start()
+        t0 = time.perf_counter()
+        firsts = asyncio.run(run(requests(a.streams), start_window))
+        wall = time.perf_counter() - t0
+        steps = engine._steps - steps0
+        tm = {k: (engine.timing[k] - timing0[k]) / steps * 1e3 for k in engine.timing}
+        print(f"\n{name}: {a.streams} streams x {a.prompt_tokens}-token prompts, {a.new_tokens} new tokens, overlap "
+              f"{not a.no_overlap}: {a.streams * a.new_tokens / wall:.0f} tok/s, {wall * 1e3:.0f} ms, {steps} steps; "
+              f"TTFT p50 {statistics.median(firsts) * 1e3:.0f} / max {max(firsts) * 1e3:.0f} ms; engine thread a step: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in tm.items()) + " ms")
+        if prof_on:
+            while "prof" not in window:
+                time.sleep(0.05)
+            kernels = [e for e in window["prof"].events() if e.device_type.name == "CUDA"]
+            busy, span, gaps = busy_and_gaps(kernels)
+            n = window["steps"]
+            print(f"profiler window: {n} steps, wall (first to last kernel) {span / 1e3:.2f} ms = {span / n / 1e3:.2f} "
+                  f"ms a step; GPU busy {busy / 1e3:.2f} ms = {busy / n / 1e3:.2f} ms a step ({busy / span:.0%}); "
+                  f"gaps > 50 us: {sum(1 for g in gaps if g > 50)}, their sum {sum(g for g in gaps if g > 50) / 1e3:.2f} ms;"
+                  f" largest {sorted(gaps)[-5:]}")
+            print(window["prof"].key_averages().table(sort_by="device_time_total", row_limit=14,
+                                                      max_name_column_width=60))
+    engine.stop()
+
+
+if __name__ == "__main__":
+    main()
