@@ -140,6 +140,7 @@ class Hit:
     id: int = 0       # the article's row in the index
     confidence: float | None = None   # calibrated chance that it governs the question (1.0: named in it); None:
                                       # the index holds no calibration of this ranking (lawchat calibrate)
+    ranks: tuple[int, int] | None = None   # fused: its rank in BM25's and the encoder's rankings (FUSION_POOL: absent)
 
     @property
     def heading(self) -> str:
@@ -503,7 +504,8 @@ class Retriever:
         ranked = ranked[:k]
         served = expand and prior and (dense or self.dense is None) and (rerank or self.reranker is None)
         if served and self.calibration is not None:
-            for h, c in zip(ranked, self.calibration.confidence([h.score for h in ranked])):
+            ranks = [h.ranks for h in ranked] if self.calibration.uses_ranks else None
+            for h, c in zip(ranked, self.calibration.confidence([h.score for h in ranked], ranks)):
                 h.confidence = c
         return ranked
 
@@ -531,9 +533,9 @@ class Retriever:
     def _fuse(self, lexical: list[Hit], dense: list[tuple[int, float]]) -> list[Hit]:
         """Reciprocal rank fusion of the two rankings (RRF_K, equal weights)."""
         score: dict[int, float] = {}
-        for rank, i in enumerate([h.id for h in lexical]):
-            score[i] = score.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
-        for rank, (i, _) in enumerate(dense):
+        lexical_rank = {h.id: rank for rank, h in enumerate(lexical)}
+        dense_rank = {i: rank for rank, (i, _) in enumerate(dense)}
+        for i, rank in [*lexical_rank.items(), *dense_rank.items()]:
             score[i] = score.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
         known = {h.id: h for h in lexical}
         rest = [i for i in score if i not in known]
@@ -545,7 +547,8 @@ class Retriever:
         for i in sorted(score, key=lambda i: -score[i]):
             if i in known:                     # an id deleted between the two reads is skipped
                 h = known[i]
-                out.append(Hit(h.law, h.article, round(score[i] * 1000, 3), h.text, h.id))
+                out.append(Hit(h.law, h.article, round(score[i] * 1000, 3), h.text, h.id,
+                               ranks=(lexical_rank.get(i, FUSION_POOL), dense_rank.get(i, FUSION_POOL))))
         return out
 
     def _rank(self, question: str, k: int, expand: bool, prior: bool) -> list[Hit]:
@@ -553,9 +556,12 @@ class Retriever:
         terms = self.query_terms(question, expand)
         if not terms:
             return []
+        # the best rows first, then their articles: joining before the LIMIT reads every matching article's text
+        # (p50 4.6 -> 2.4 ms, p99 22 -> 14 ms over both question sets on 2 CPU cores)
         rows = self.con.execute(
-            "SELECT a.law, a.article, bm25(articles_fts, 2.0, 1.0) AS s, a.text, a.id FROM articles_fts "
-            "JOIN articles a ON a.id = articles_fts.rowid WHERE articles_fts MATCH ? ORDER BY s LIMIT ?",
+            "SELECT a.law, a.article, f.s, a.text, a.id FROM (SELECT rowid, bm25(articles_fts, 2.0, 1.0) AS s "
+            "FROM articles_fts WHERE articles_fts MATCH ? ORDER BY s LIMIT ?) f JOIN articles a ON a.id = f.rowid "
+            "ORDER BY f.s",
             (fts_query(terms), max(k, PRIOR_POOL) if prior else k)).fetchall()
         hits = [Hit(law, article, round(-s, 4), text, i) for law, article, s, text, i in rows]
         if prior:

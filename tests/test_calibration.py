@@ -40,6 +40,28 @@ def test_fit_finds_the_lowest_threshold_that_reaches_the_target():
     assert not missed.target_met and "not reached" in missed.summary() and missed.precision == pytest.approx(0.95, abs=1e-4)
 
 
+def test_a_fused_calibration_learns_from_the_two_rankings_agreeing():
+    # fused scores alike for every question; the top hit governs in 19 of 20 questions where BM25 and the encoder
+    # both ranked it first, and in 1 of 5 otherwise: only the ranks tell them apart
+    rankings = []
+    for q in range(200):
+        agree = q % 2 == 0
+        governs = (q // 2) % 20 != 0 if agree else q % 5 == 1
+        rankings.append([(30.0 - r, r == 0 and governs, (0, 0) if agree and r == 0 else (r + 1, r + 3))
+                         for r in range(5)])
+    cal = calibration.fit("fused:x", rankings, top_k=3, target_precision=0.9)
+    assert cal.uses_ranks and len(cal.weights) == len(calibration.FEATURES) + len(calibration.RANK_FEATURES) + 1
+    both_first, apart = cal.confidence([30.0, 29.0], [(0, 0), (2, 4)])[0], cal.confidence([30.0, 29.0], [(1, 3), (2, 4)])[0]
+    assert both_first > cal.threshold > apart
+    assert cal.target_met and cal.cited_share == pytest.approx(0.5, abs=1e-4)
+    with pytest.raises(ValueError, match="needs each hit's ranks"):
+        cal.confidence([30.0, 29.0])
+    restored = calibration.Calibration.from_json(json.dumps(calibration.asdict(cal)))
+    assert restored.confidence([30.0, 29.0], [(0, 0), (2, 4)])[0] == both_first
+    scores_only = calibration.fit("fused:x", [[c[:2] for c in r] for r in rankings], top_k=3, target_precision=0.9)
+    assert not scores_only.uses_ranks and not scores_only.target_met     # the scores alone cannot reach it
+
+
 def test_calibrated_threshold_raises_held_out_citation_precision(tmp_path):
     """Fitted on the tuning set of the real statute index, judged on the held-out set it never saw."""
     from lawchat_trainer.demo_corpus import find_laws_db

@@ -72,6 +72,10 @@ def test_fused_search_finds_what_bm25_cannot(index, encoders):
     lexical = ret.search(question, 3, dense=False)
     fused = ret.search(question, 3)
     assert lexical[0].law == "刑法" and fused[0].law == "刑法"        # BM25's best stays at the top of the fusion
+    assert fused[0].ranks is not None and fused[0].ranks[0] == 0     # each fused hit knows its place in both lists
+    assert lexical[0].ranks is None
+    dense_ids = [i for i, _ in ret._dense(question, 50)]
+    assert all(h.ranks[1] == (dense_ids.index(h.id) if h.id in dense_ids else 50) for h in fused)
     nothing_shared = "丙丁戊己庚"                                     # no token any article has: BM25 finds nothing
     assert ret.search(nothing_shared, 3, dense=False) == []
     assert len(ret.search(nothing_shared, 3)) == 3                   # the vectors still rank every article
