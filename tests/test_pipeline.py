@@ -173,7 +173,7 @@ def test_the_pretrained_base_is_cached_outside_the_checkout_and_reused(tiny_demo
     assert len(pretrained) == 3 and not [p for p in (tmp_path / "cache" / "demo_base").iterdir() if p.name[0] == "."]
 
 
-def test_pretraining_batches_need_no_padding_mask():
+def test_pretraining_batches_need_no_padding_mask_nor_logits_on_padding():
     """base_model.pretrain passes no attention mask: make_batch pads on the right, so under causal attention every
     real token sees only real tokens and the loss equals the masked one (per row too)."""
     from lawchat_trainer import base_model as bm
@@ -193,3 +193,7 @@ def test_pretraining_batches_need_no_padding_mask():
             alone = model(input_ids=torch.tensor([d])).logits[0]
             torch.testing.assert_close(plain.logits[row, :len(d)], alone, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(plain.loss, masked.loss, atol=1e-5, rtol=1e-5)
+    from lawchat_trainer.train_log import labelled_loss      # what pretrain computes: the LM head on labels only
+    with torch.no_grad():
+        torch.testing.assert_close(labelled_loss(model, {"input_ids": ids, "labels": labels}), masked.loss,
+                                   atol=1e-5, rtol=1e-5)
