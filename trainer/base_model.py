@@ -123,9 +123,26 @@ def epoch_batches(lengths: list[int], batch_size: int, rng: random.Random) -> li
     return batches
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next step instead of returning it to the OS. A step's logits, their
+    log-softmax and its gradient are fresh tensors of ~100 MB each, which glibc maps and unmaps every step, so the
+    kernel zero-fills their pages again each time (profile: `fill_` ~7% of a step). Process-wide; -> False where the
+    C library is not glibc (nothing changed). Demo steps 0.81 -> 0.75 s on 2 CPU cores (A/B, 3-4 runs each)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def pretrain(model: GlmForCausalLM, docs: list[list[int]], pad_id: int, cfg: PretrainConfig) -> list[float]:
     """Next-token prediction, one article per sample: each article starts a sequence, so the model learns
     to recall an article from its heading (《劳动合同法》第三十九条) rather than from its neighbours."""
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
