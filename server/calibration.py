@@ -64,10 +64,11 @@ class Calibration:
         return len(self.mean) == len(FEATURES) + len(RANK_FEATURES)
 
     def confidence(self, scores: list[float], ranks: list[tuple[int, int]] | None = None) -> list[float]:
-        """ranks: each hit's (BM25, encoder) rank, needed by a calibration fitted with them (a fused ranking)."""
+        """ranks: each hit's (BM25, encoder) rank or None; needed by a calibration fitted with them (a fused ranking),
+        ignored by one fitted without."""
         if not scores:
             return []
-        if self.uses_ranks and ranks is None:
+        if self.uses_ranks and (ranks is None or None in ranks):
             raise ValueError(f"the {self.variant} calibration needs each hit's ranks in the fused rankings")
         z = (features(scores, ranks if self.uses_ranks else None) - np.array(self.mean)) / np.array(self.scale)
         logit = self.weights[0] + z @ np.array(self.weights[1:])

@@ -507,8 +507,7 @@ class Retriever:
         ranked = ranked[:k]
         served = expand and prior and (dense or self.dense is None) and (rerank or self.reranker is None)
         if served and self.calibration is not None:
-            ranks = [h.ranks for h in ranked] if self.calibration.uses_ranks else None
-            for h, c in zip(ranked, self.calibration.confidence([h.score for h in ranked], ranks)):
+            for h, c in zip(ranked, self.calibration.confidence([h.score for h in ranked], [h.ranks for h in ranked])):
                 h.confidence = c
         return ranked
 
