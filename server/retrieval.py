@@ -484,7 +484,10 @@ class Retriever:
         if row is None:
             return None
         try:
-            return calibration.Calibration.from_json(row[0])
+            cal = calibration.Calibration.from_json(row[0])
+            if cal.uses_ranks and (self.dense is None or self.reranker is not None):   # only fused hits have ranks
+                raise ValueError(f"it weighs fused ranks, which the {self.variant} ranking has not")
+            return cal
         except (ValueError, TypeError) as e:
             raise ValueError(f"{self.path}: its citation calibration is unreadable ({e}); run `lawchat calibrate` "
                              "again") from None

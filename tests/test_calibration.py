@@ -187,6 +187,12 @@ def test_an_unreadable_calibration_stops_the_server_at_start_and_calibrate_repai
                         "bm25", [0.0] * 4, [1.0] * 4, [0.0] * 5, 0.5, 0.9, 0.9, 0.5, 10, 20, 3)), "threshold": 7}),))
     with pytest.raises(ValueError, match="calibration is unreadable"):
         Retriever(index)
+    with sqlite3.connect(index) as con:     # well formed, but fitted on fused ranks that a BM25 ranking has not
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('calibration:bm25', ?)",
+                    (json.dumps(calibration.asdict(calibration.Calibration(
+                        "bm25", [0.0] * 6, [1.0] * 6, [0.0] * 7, 0.5, 0.9, 0.9, 0.5, 10, 20, 3))),))
+    with pytest.raises(ValueError, match="calibration is unreadable .*fused ranks"):
+        Retriever(index)
     out = subprocess.run([str(BIN / "lawchat"), "serve", "--model", "none", "--retrieval-index", str(index)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "calibration is unreadable" in out.stderr
