@@ -54,12 +54,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--window", type=int, default=30, help="decode steps in the profiler window")
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (a smoke test on CPU)")
     a = ap.parse_args()
     if not (a.random_glm6b / "config.json").is_file():
-        from lawchat_trainer.random_model import make_random_model
-        make_random_model(a.random_glm6b, a.tokenizer, device="cuda")
+        from lawchat_trainer.random_model import GLM6B, make_random_model
+        shape = dict(GLM6B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     head_dim=16) if a.tiny else None
+        make_random_model(a.random_glm6b, a.tokenizer, shape=shape, device=a.device)
     cfg = EngineConfig(max_num_seqs=max(a.streams, 1), max_waiting=4 * a.streams, overlap=not a.no_overlap)
-    runner = load_runner(a.random_glm6b, device="cuda", config=cfg)
+    runner = load_runner(a.random_glm6b, device=a.device, config=cfg)
     engine = Engine(runner, cfg)
     engine.start()
     engine.warmup()
@@ -93,7 +97,7 @@ def main() -> None:
             if prof_on:
                 def go():
                     s0 = engine._steps
-                    with profile(activities=[ProfilerActivity.CUDA]) as p:
+                    with profile(activities=[ProfilerActivity.CUDA if a.device == "cuda" else ProfilerActivity.CPU]) as p:
                         while engine._steps < s0 + a.window:
                             time.sleep(0.0005)
                     window.update(prof=p, steps=engine._steps - s0)
@@ -110,9 +114,13 @@ def main() -> None:
         if prof_on:
             while "prof" not in window:
                 time.sleep(0.05)
-            kernels = [e for e in window["prof"].events() if e.device_type.name == "CUDA"]
+            kernels = [e for e in window["prof"].events() if e.device_type.name == "CUDA"] or \
+                [e for e in window["prof"].events() if e.name.startswith("aten::")]   # CPU: ops, not kernels
             busy, span, gaps = busy_and_gaps(kernels)
             n = window["steps"]
+            if not span:
+                print("profiler window: no kernels recorded (on CPU the profiler sees only its own thread)")
+                continue
             print(f"profiler window: {n} steps, wall (first to last kernel) {span / 1e3:.2f} ms = {span / n / 1e3:.2f} "
                   f"ms a step; GPU busy {busy / 1e3:.2f} ms = {busy / n / 1e3:.2f} ms a step ({busy / span:.0%}); "
                   f"gaps > 50 us: {sum(1 for g in gaps if g > 50)}, their sum {sum(g for g in gaps if g > 50) / 1e3:.2f} ms;"
