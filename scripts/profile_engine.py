@@ -3,7 +3,7 @@
     python scripts/profile_engine.py --random-glm6b /tmp/glm6b --tokenizer runs/gpu-tok --streams 256
 
 Runs the Engine in this process (scheduler, runner, output thread, detokenizer; CUDA graphs, overlap) on random
-prompts, then a torch.profiler window of --window steps once every stream decodes. Prints the round (tok/s, step
+prompts, its chunks sent out through the engine process's pipe sink, then a torch.profiler window of --window steps once every stream decodes. Prints the round (tok/s, step
 time), the engine thread's split per step, and for the window: GPU busy time (union of kernel intervals) against
 the wall time, the largest gaps between kernels and the kernels by GPU time. A step that takes longer than its
 kernels is host-bound (or waits on a sync); the same command with --no-overlap shows the overlap's share.
@@ -11,7 +11,7 @@ kernels is host-bound (or waits on a sync); the same command with --no-overlap s
 from __future__ import annotations
 
 import argparse
-import asyncio
+import multiprocessing
 import random
 import statistics
 import threading
@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lawchat_server.engine.config import EngineConfig
 from lawchat_server.engine.engine import Engine, GenerationRequest
+from lawchat_server.engine.engine_process import _PipeSink
 from lawchat_server.engine.model_runner import load_runner
 from lawchat_server.engine.sampler import SamplingParams
 
@@ -43,6 +44,39 @@ def busy_and_gaps(events) -> tuple[float, float, list[float]]:
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
     return busy, spans[-1][1] - spans[0][0], gaps
+
+
+def drain(conn) -> None:
+    """The server's side of the engine pipe: read every message (and drop it)."""
+    try:
+        while True:
+            conn.recv()
+    except EOFError:
+        pass
+
+
+class TimedSink(_PipeSink):
+    """The engine process's sink, noting when each request's first chunk leaves and when all have finished."""
+
+    def __init__(self, conn, engine, jobs: dict, n: int, on_all_first=None):
+        super().__init__(conn, engine, jobs)
+        self.n, self.on_all_first = n, on_all_first
+        self.t0 = time.perf_counter()
+        self.firsts: list[float] = []
+        self.seen: set[int] = set()
+        self.done = threading.Event()
+
+    def deliver(self, items: list) -> None:
+        now = time.perf_counter()
+        for rid, _ in items:
+            if rid not in self.seen:
+                self.seen.add(rid)
+                self.firsts.append(now - self.t0)
+                if len(self.firsts) == self.n and self.on_all_first:
+                    self.on_all_first()
+        super().deliver(items)
+        if not self.jobs:
+            self.done.set()
 
 
 def main() -> None:
@@ -73,22 +107,21 @@ def main() -> None:
         return [GenerationRequest([rng.randrange(100, 30000) for _ in range(a.prompt_tokens)], SamplingParams(),
                                   a.new_tokens, ignore_eos=True) for _ in range(n)]
 
-    async def run(reqs, on_all_decoding=None) -> list[float]:
-        firsts: list[float] = []
-        t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    pipe_out, pipe_in = ctx.Pipe(duplex=False)
+    drainer = ctx.Process(target=drain, args=(pipe_out,), daemon=True)
+    drainer.start()
 
-        async def one(r):
-            first = True
-            async for _ in engine.stream(r):
-                if first:
-                    firsts.append(time.perf_counter() - t0)
-                    first = False
-                    if on_all_decoding and len(firsts) == len(reqs):
-                        on_all_decoding()
-        await asyncio.gather(*[one(r) for r in reqs])
-        return firsts
+    def run(reqs, on_all_decoding=None) -> list[float]:
+        """reqs through the engine as the engine process serves them: chunks go out through its pipe sink (one
+        pickled message a step, read by another process), so the engine's threads do the work they do served."""
+        sink = TimedSink(pipe_in, engine, {}, len(reqs), on_all_decoding)
+        for rid, r in enumerate(reqs):
+            sink.jobs[rid] = engine.submit(r, sink, rid)
+        sink.done.wait()
+        return sink.firsts
 
-    asyncio.run(run(requests(min(a.streams, 16))))                 # warm: connections of the loop, shapes
+    run(requests(min(a.streams, 16)))                 # warm: connections of the loop, shapes
     for name, prof_on in (("round", False), ("profiled round", True)):
         steps0, timing0 = engine._steps, dict(engine.timing)
         window: dict = {}
@@ -103,7 +136,7 @@ def main() -> None:
                     window.update(prof=p, steps=engine._steps - s0)
                 threading.Thread(target=go, daemon=True).start()
         t0 = time.perf_counter()
-        firsts = asyncio.run(run(requests(a.streams), start_window))
+        firsts = run(requests(a.streams), start_window)
         wall = time.perf_counter() - t0
         steps = engine._steps - steps0
         tm = {k: (engine.timing[k] - timing0[k]) / steps * 1e3 for k in engine.timing}
