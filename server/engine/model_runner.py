@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..prompt import check_template, encode_prompt
@@ -270,13 +271,17 @@ class FastRunner(BaseRunner):
     def _decode_rows(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Host inputs of one decode row per sequence -> ((4, B) int64: ids, positions, slots, context lengths;
         (B, W) int32 block tables). A decoding sequence holds exactly ceil(len / block_size) blocks; shorter rows
-        are padded with block 0."""
+        are padded with block 0. Built in numpy: torch.tensor of Python lists took ~2x as long (0.55 vs 0.30 ms
+        at 256 rows on 2 CPU cores), on the host path of every step."""
+        bs = self.block_size
         ctx = [len(s) for s in seqs]
-        host = torch.tensor([[s.last_token for s in seqs], [c - 1 for c in ctx],
-                             [self._slot(s, c - 1) for s, c in zip(seqs, ctx)], ctx], dtype=torch.int64)
-        width = max(-(-c // self.block_size) for c in ctx)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        return host, tables
+        slots = [s.block_table[(c - 1) // bs] * bs + (c - 1) % bs for s, c in zip(seqs, ctx)]
+        host = np.array([[s.token_ids[-1] for s in seqs], ctx, slots, ctx], dtype=np.int64)
+        host[1] -= 1
+        tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
+        for row, s in zip(tables, seqs):
+            row[:len(s.block_table)] = s.block_table
+        return torch.from_numpy(host), torch.from_numpy(tables)
 
     def _mixed(self, chunks: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
         """Prefill chunks (rows first) and decode rows (one per sequence, after them) in one forward pass."""
