@@ -14,6 +14,7 @@ import argparse
 import multiprocessing
 import random
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -89,8 +90,11 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=30, help="decode steps in the profiler window")
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s; Python's default 0.005)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (a smoke test on CPU)")
     a = ap.parse_args()
+    if a.switch_interval:
+        sys.setswitchinterval(a.switch_interval)
     if not (a.random_glm6b / "config.json").is_file():
         from lawchat_trainer.random_model import GLM6B, make_random_model
         shape = dict(GLM6B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
