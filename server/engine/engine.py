@@ -243,9 +243,7 @@ class Engine:
         self._failed_steps = 0
         self.overlap = self.config.overlap and getattr(runner, "overlap", False)
         self.timing = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "finish": 0.0}   # engine-thread s, profiling
-        # buffered, flushed whenever the engine goes idle: a line-buffered trace made a write syscall (a GIL
-        # release and re-acquire beside the output thread) on every step
-        self._trace = open(self.config.trace, "a") if self.config.trace else None   # noqa: SIM115
+        self._trace = open(self.config.trace, "a", buffering=1) if self.config.trace else None   # noqa: SIM115
         self._thread = threading.Thread(target=self._loop, name="lawchat-engine", daemon=True)
         self._out_thread = threading.Thread(target=self._process_outputs, name="lawchat-detok", daemon=True)
 
@@ -441,8 +439,6 @@ class Engine:
             with self._cond:
                 while (not self._closed and not self._inbox and not self._admin and not sched.has_work()
                        and in_flight is None):
-                    if self._trace is not None:
-                        self._trace.flush()
                     self._cond.wait()
                 if self._closed:
                     break
