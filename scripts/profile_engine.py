@@ -3,10 +3,11 @@
     python scripts/profile_engine.py --random-glm6b /tmp/glm6b --tokenizer runs/gpu-tok --streams 256
 
 Runs the Engine in this process (scheduler, runner, output thread, detokenizer; CUDA graphs, overlap) on random
-prompts, its chunks sent out through the engine process's pipe sink, then a torch.profiler window of --window steps once every stream decodes. Prints the round (tok/s, step
-time), the engine thread's split per step, and for the window: GPU busy time (union of kernel intervals) against
-the wall time, the largest gaps between kernels and the kernels by GPU time. A step that takes longer than its
-kernels is host-bound (or waits on a sync); the same command with --no-overlap shows the overlap's share.
+prompts, its chunks sent out through the engine process's pipe sink, with a torch.profiler window of --window steps
+once every stream decodes (server/engine/profiling.py; a served engine process logs the same window with
+LAWCHAT_PROFILE_STEPS=N@R). Prints the round (tok/s, step time),
+the engine thread's split per step, and for the window: GPU busy time (union of kernel intervals) against the wall
+time, the largest gaps between kernels and the kernels by GPU time. --no-overlap shows the overlap's share.
 """
 from __future__ import annotations
 
@@ -19,32 +20,12 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
 from lawchat_server.engine.config import EngineConfig
 from lawchat_server.engine.engine import Engine, GenerationRequest
 from lawchat_server.engine.engine_process import _PipeSink
 from lawchat_server.engine.model_runner import load_runner
+from lawchat_server.engine.profiling import profile_steps
 from lawchat_server.engine.sampler import SamplingParams
-
-
-def busy_and_gaps(events) -> tuple[float, float, list[float]]:
-    """Kernel (start, end) µs intervals -> (busy µs as their union, span µs, the gaps between them)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
-    if not spans:
-        return 0.0, 0.0, []
-    busy, gaps = 0.0, []
-    cur_s, cur_e = spans[0]
-    for s, e in spans[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            gaps.append(s - cur_e)
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    return busy, spans[-1][1] - spans[0][0], gaps
 
 
 def drain(conn) -> None:
@@ -90,7 +71,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=30, help="decode steps in the profiler window")
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s; Python's default 0.005)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval (s; Python's default 0.005)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (a smoke test on CPU)")
     a = ap.parse_args()
     if a.switch_interval:
@@ -128,17 +110,12 @@ def main() -> None:
     run(requests(min(a.streams, 16)))                 # warm: connections of the loop, shapes
     for name, prof_on in (("round", False), ("profiled round", True)):
         steps0, timing0 = engine._steps, dict(engine.timing)
-        window: dict = {}
+        window: list[str] = []
 
         def start_window():
             if prof_on:
-                def go():
-                    s0 = engine._steps
-                    with profile(activities=[ProfilerActivity.CUDA if a.device == "cuda" else ProfilerActivity.CPU]) as p:
-                        while engine._steps < s0 + a.window:
-                            time.sleep(0.0005)
-                    window.update(prof=p, steps=engine._steps - s0)
-                threading.Thread(target=go, daemon=True).start()
+                threading.Thread(target=lambda: window.append(profile_steps(engine, a.window, a.device == "cuda")),
+                                 daemon=True).start()
         t0 = time.perf_counter()
         firsts = run(requests(a.streams), start_window)
         wall = time.perf_counter() - t0
@@ -149,21 +126,9 @@ def main() -> None:
               f"TTFT p50 {statistics.median(firsts) * 1e3:.0f} / max {max(firsts) * 1e3:.0f} ms; engine thread a step: "
               + ", ".join(f"{k} {v:.2f}" for k, v in tm.items()) + " ms")
         if prof_on:
-            while "prof" not in window:
+            while not window:
                 time.sleep(0.05)
-            kernels = [e for e in window["prof"].events() if e.device_type.name == "CUDA"] or \
-                [e for e in window["prof"].events() if e.name.startswith("aten::")]   # CPU: ops, not kernels
-            busy, span, gaps = busy_and_gaps(kernels)
-            n = window["steps"]
-            if not span:
-                print("profiler window: no kernels recorded (on CPU the profiler sees only its own thread)")
-                continue
-            print(f"profiler window: {n} steps, wall (first to last kernel) {span / 1e3:.2f} ms = {span / n / 1e3:.2f} "
-                  f"ms a step; GPU busy {busy / 1e3:.2f} ms = {busy / n / 1e3:.2f} ms a step ({busy / span:.0%}); "
-                  f"gaps > 50 us: {sum(1 for g in gaps if g > 50)}, their sum {sum(g for g in gaps if g > 50) / 1e3:.2f} ms;"
-                  f" largest {sorted(gaps)[-5:]}")
-            print(window["prof"].key_averages().table(sort_by="device_time_total", row_limit=14,
-                                                      max_name_column_width=60))
+            print(window[0])
     engine.stop()
 
 

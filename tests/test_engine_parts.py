@@ -196,3 +196,31 @@ def test_engine_trace_logs_steps_and_first_tokens_without_text(runner, tmp_path)
         assert t0 <= x["arrival"] <= x["admitted"] <= x["first_token"] <= time_.monotonic()
     assert all(set(x) <= {"step", "schedule_ms", "launch_ms", "finish_ms", "prefill_seqs", "prefill_tokens", "decode",
                           "waiting", "running", "first_token", "arrival", "admitted", "prompt"} for x in lines)
+
+
+def test_a_profile_window_from_the_environment_covers_the_steps_asked_for(runner, monkeypatch, caplog):
+    """LAWCHAT_PROFILE_STEPS=N@R (read by the engine process): once R sequences run, one profiler window of N engine
+    steps is logged; nothing without the variable."""
+    import logging
+    import time as time_
+
+    from lawchat_server.engine.engine import generate_batch
+    from lawchat_server.engine.profiling import PROFILE_ENV, busy_and_gaps, profile_from_env
+    assert busy_and_gaps([(20, 30), (0, 10), (5, 12)]) == (22, 30, [8])
+    engine = Engine(runner)
+    engine.start()
+    prompts = [runner.encode_chat([{"role": "user", "content": q}]) for q in ("试用期多长？", "加班费怎么算？")]
+    caplog.set_level(logging.INFO, logger="lawchat.engine")
+    try:
+        monkeypatch.delenv(PROFILE_ENV, raising=False)
+        profile_from_env(engine, cuda=False)
+        monkeypatch.setenv(PROFILE_ENV, "3@2")
+        profile_from_env(engine, cuda=False)
+        generate_batch(engine, prompts, 12, ignore_eos=True)
+        deadline = time_.monotonic() + 10
+        while "profiler window" not in caplog.text and time_.monotonic() < deadline:
+            time_.sleep(0.05)
+    finally:
+        engine.stop()
+    windows = [r.getMessage() for r in caplog.records if "profiler window" in r.getMessage()]
+    assert len(windows) == 1 and windows[0].startswith(f"{PROFILE_ENV}=3@2 (2 sequences running): profiler window: 3 steps")

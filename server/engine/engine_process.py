@@ -103,6 +103,7 @@ def run_engine_process(model_dir: str, device: str, dtype: str, trust_remote_cod
                        requests, outputs) -> None:
     from .engine import Engine
     from .model_runner import load_runner
+    from .profiling import profile_from_env
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the server decides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -121,6 +122,7 @@ def run_engine_process(model_dir: str, device: str, dtype: str, trust_remote_cod
         engine.stop()
         outputs.send(("error", type(e).__name__, str(e)))
         return
+    profile_from_env(engine, runner.device.type == "cuda")
     jobs: dict[int, object] = {}
     sink = _PipeSink(outputs, engine, jobs)
     sink.send(("ready", RunnerInfo(runner.path, runner.attention_backend, list(runner.graph_batch_sizes),

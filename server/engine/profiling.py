@@ -1,0 +1,71 @@
+"""profiling: a torch.profiler window over an engine's next decode steps — GPU busy time against wall time.
+
+A step that takes longer than its kernels is host-bound (or waits on a sync). Used by scripts/profile_engine.py (the
+engine alone) and, with LAWCHAT_PROFILE_STEPS set, by the engine process of a real server (what the engine does when
+served: `LAWCHAT_PROFILE_STEPS=30@256 lawchat serve ...` logs one window once 256 sequences run).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+PROFILE_ENV = "LAWCHAT_PROFILE_STEPS"     # "N" or "N@R": one window of N steps once R sequences run (default 1)
+
+log = logging.getLogger("lawchat.engine")
+
+
+def busy_and_gaps(spans: list[tuple[float, float]]) -> tuple[float, float, list[float]]:
+    """Kernel (start, end) µs intervals -> (busy µs as their union, span µs, the gaps between them)."""
+    spans = sorted(spans)
+    if not spans:
+        return 0.0, 0.0, []
+    busy, gaps = 0.0, []
+    cur_s, cur_e = spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return busy, spans[-1][1] - spans[0][0], gaps
+
+
+def profile_steps(engine, steps: int, cuda: bool) -> str:
+    """Profile the engine's next `steps` steps (blocks until they ran) -> a summary: wall and GPU busy time a step,
+    the gaps between kernels, the kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    s0 = engine._steps
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        while engine._steps < s0 + steps and engine.alive:
+            time.sleep(0.002)
+    n = max(1, engine._steps - s0)
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA"]
+    busy, span, gaps = busy_and_gaps(kernels)
+    if not span:
+        return f"profiler window: {n} steps, no kernels recorded (on CPU the profiler sees only its own thread)"
+    big = [g for g in gaps if g > 50]
+    return (f"profiler window: {n} steps, wall (first to last kernel) {span / 1e3:.2f} ms = {span / n / 1e3:.2f} ms a "
+            f"step; GPU busy {busy / 1e3:.2f} ms = {busy / n / 1e3:.2f} ms a step ({busy / span:.0%}); gaps > 50 us: "
+            f"{len(big)}, their sum {sum(big) / 1e3:.2f} ms; largest {[round(g) for g in sorted(gaps)[-5:]]} us\n"
+            + prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
+
+
+def profile_from_env(engine, cuda: bool) -> None:
+    """With LAWCHAT_PROFILE_STEPS=N[@R]: log one profile window of N steps once R sequences run (a thread)."""
+    spec = os.environ.get(PROFILE_ENV)
+    if not spec:
+        return
+    n, _, r = spec.partition("@")
+    steps, running = int(n), int(r or 1)
+
+    def watch() -> None:
+        while engine.alive and engine.running < running:
+            time.sleep(0.01)
+        if engine.alive:
+            now = engine.running
+            log.info("%s=%s (%d sequences running): %s", PROFILE_ENV, spec, now, profile_steps(engine, steps, cuda))
+    threading.Thread(target=watch, name="lawchat-profile", daemon=True).start()
