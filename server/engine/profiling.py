@@ -36,22 +36,30 @@ def busy_and_gaps(spans: list[tuple[float, float]]) -> tuple[float, float, list[
 
 def profile_steps(engine, steps: int, cuda: bool) -> str:
     """Profile the engine's next `steps` steps (blocks until they ran) -> a summary: wall and GPU busy time a step,
-    the gaps between kernels, the kernels by GPU time."""
+    the gaps between kernels, the kernels by GPU time. CUDA kernels only: on CPU the steps are counted and nothing
+    is recorded (the profiler, started off the engine thread, sees no CPU ops of it and crashed recording them)."""
     from torch.profiler import ProfilerActivity, profile
     s0 = engine._steps
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        while engine._steps < s0 + steps and engine.alive:
-            time.sleep(0.002)
+    if not cuda:
+        _wait_steps(engine, s0 + steps)
+        return f"profiler window: {engine._steps - s0} steps, no kernels recorded (the window records CUDA kernels)"
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _wait_steps(engine, s0 + steps)
     n = max(1, engine._steps - s0)
-    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA"]
-    busy, span, gaps = busy_and_gaps(kernels)
+    busy, span, gaps = busy_and_gaps([(e.time_range.start, e.time_range.end) for e in prof.events()
+                                      if e.device_type.name == "CUDA"])
     if not span:
-        return f"profiler window: {n} steps, no kernels recorded (on CPU the profiler sees only its own thread)"
+        return f"profiler window: {n} steps, no kernels recorded"
     big = [g for g in gaps if g > 50]
     return (f"profiler window: {n} steps, wall (first to last kernel) {span / 1e3:.2f} ms = {span / n / 1e3:.2f} ms a "
             f"step; GPU busy {busy / 1e3:.2f} ms = {busy / n / 1e3:.2f} ms a step ({busy / span:.0%}); gaps > 50 us: "
             f"{len(big)}, their sum {sum(big) / 1e3:.2f} ms; largest {[round(g) for g in sorted(gaps)[-5:]]} us\n"
             + prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
+
+
+def _wait_steps(engine, until: int) -> None:
+    while engine._steps < until and engine.alive:
+        time.sleep(0.002)
 
 
 def profile_from_env(engine, cuda: bool) -> None:
@@ -60,7 +68,13 @@ def profile_from_env(engine, cuda: bool) -> None:
     if not spec:
         return
     n, _, r = spec.partition("@")
-    steps, running = int(n), int(r or 1)
+    try:
+        steps, running = int(n), int(r or 1)
+    except ValueError:
+        steps = running = 0
+    if steps < 1 or running < 1:
+        log.warning("%s=%r: not N or N@R with positive integers; no profile window", PROFILE_ENV, spec)
+        return
 
     def watch() -> None:
         while engine.alive and engine.running < running:
