@@ -12,6 +12,7 @@ import threading
 import time
 
 PROFILE_ENV = "LAWCHAT_PROFILE_STEPS"     # "N" or "N@R": one window of N steps once R sequences run (default 1)
+MAX_PROFILE_STEPS = 1000                  # the profiler keeps every kernel of the window in memory (~350 a 6B decode step)
 
 log = logging.getLogger("lawchat.engine")
 
@@ -72,8 +73,9 @@ def profile_from_env(engine, cuda: bool) -> None:
         steps, running = int(n), int(r or 1)
     except ValueError:
         steps = running = 0
-    if steps < 1 or running < 1:
-        log.warning("%s=%r: not N or N@R with positive integers; no profile window", PROFILE_ENV, spec)
+    if not 1 <= steps <= MAX_PROFILE_STEPS or running < 1:
+        log.warning("%s=%r: not N or N@R with 1 <= N <= %d and R >= 1; no profile window", PROFILE_ENV, spec,
+                    MAX_PROFILE_STEPS)
         return
 
     def watch() -> None:
