@@ -5,9 +5,9 @@
 Runs the Engine in this process (scheduler, runner, output thread, detokenizer; CUDA graphs, overlap) on random
 prompts, its chunks sent out through the engine process's pipe sink, with a torch.profiler window of --window steps
 once every stream decodes (server/engine/profiling.py; a served engine process logs the same window with
-LAWCHAT_PROFILE_STEPS=N@R). Prints the round (tok/s, step time),
-the engine thread's split per step, and for the window: GPU busy time (union of kernel intervals) against the wall
-time, the largest gaps between kernels and the kernels by GPU time. --no-overlap shows the overlap's share.
+LAWCHAT_PROFILE_STEPS=N@R). Prints the round (tok/s, step time), the engine thread's split per step, and for the
+window: GPU busy time (union of kernel intervals) against the wall time, the largest gaps between kernels and the
+kernels by GPU time. --no-overlap shows the overlap's share; --tiny --device cpu is a smoke run without a GPU.
 """
 from __future__ import annotations
 
