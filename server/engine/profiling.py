@@ -39,11 +39,11 @@ def profile_steps(engine, steps: int, cuda: bool) -> str:
     """Profile the engine's next `steps` steps (blocks until they ran) -> a summary: wall and GPU busy time a step,
     the gaps between kernels, the kernels by GPU time. CUDA kernels only: on CPU the steps are counted and nothing
     is recorded (the profiler, started off the engine thread, sees no CPU ops of it and crashed recording them)."""
-    from torch.profiler import ProfilerActivity, profile
     s0 = engine._steps
     if not cuda:
         _wait_steps(engine, s0 + steps)
         return f"profiler window: {engine._steps - s0} steps, no kernels recorded (the window records CUDA kernels)"
+    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _wait_steps(engine, s0 + steps)
     n = max(1, engine._steps - s0)
