@@ -77,6 +77,10 @@ def profile_from_env(engine, cuda: bool) -> None:
         log.warning("%s=%r: not N or N@R with 1 <= N <= %d and R >= 1; no profile window", PROFILE_ENV, spec,
                     MAX_PROFILE_STEPS)
         return
+    if running > engine.config.max_num_seqs:
+        log.warning("%s=%r: the engine runs at most %d sequences (engine.max_num_seqs); no profile window", PROFILE_ENV,
+                    spec, engine.config.max_num_seqs)
+        return
 
     def watch() -> None:
         while engine.alive and engine.running < running:
