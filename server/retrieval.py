@@ -160,6 +160,7 @@ def find_laws_db() -> Path:
 
 REFERENCE = re.compile(r"([\u4e00-\u9fa5]{1,40}?(?:法|条例|规定|办法|法典))》?\s*第\s*([零〇一二三四五六七八九十百千\d]+)\s*条")
 REFERENCE_SCORE = 1000.0     # an article the question names outranks any BM25 match
+COLUMN_WEIGHTS = (2.0, 1.0)  # BM25 weights of articles_fts' columns: a term in the law's name, in the article's text
 # Fusion of the BM25 and dense rankings: reciprocal rank fusion, sum of 1 / (RRF_K + rank) over the two lists of
 # FUSION_POOL candidates each, equal weights; the dense query is the question plus its statute words (the term
 # table). Chosen on the tuning set only (62 questions, m3e-small): recall@5 76% BM25, 74% dense, 82% dense + terms,
@@ -413,6 +414,9 @@ class Retriever:
             self.dense = DenseIndex(encoder)
             self.dense.sync(self.con, self.version())
         self.calibration = self._read_calibration() if calibrated else None    # calibrated=False: for refitting
+        self._postings = None                    # bm25.Postings of the FTS5 table, and the kb_version it holds
+        self._postings_lock = threading.Lock()   # held while (re)reading them
+        self._load_postings()
 
     @property
     def con(self) -> sqlite3.Connection:
@@ -442,6 +446,38 @@ class Retriever:
             self._laws = {law for (law,) in self.con.execute("SELECT DISTINCT law FROM articles")}
             self._laws_version = version
         return self._laws
+
+    def _load_postings(self) -> None:
+        """Read the FTS5 postings into memory (bm25.py), unless another thread is at it; FTS5 answers meanwhile."""
+        from .bm25 import load_postings
+        if not self._postings_lock.acquire(blocking=False):
+            return
+        con = self.con
+        try:
+            con.execute("BEGIN")                 # the version and the postings from one snapshot of the file
+            try:
+                version = self.version()
+                if self._postings is None or self._postings[1] != version:
+                    self._postings = (load_postings(con, "articles_fts", COLUMN_WEIGHTS), version)
+            finally:
+                con.execute("COMMIT")
+        finally:
+            self._postings_lock.release()
+
+    def _bm25(self, terms: list[tuple[str, float]], limit: int) -> list[tuple[int, float]]:
+        """The FTS5 OR-query of the terms -> (rowid, bm25) of the best `limit` rows: from the postings in memory
+        when they hold the index's version (after AddDocuments / DeleteDocuments a thread re-reads them while FTS5
+        answers), else from FTS5 itself; the same scores either way."""
+        held = self._postings
+        if held is not None and held[1] == self.version():
+            best = held[0].score([t for t, _ in terms], limit)
+            if best is not None:
+                return best
+        elif not self._postings_lock.locked():
+            threading.Thread(target=self._load_postings, name="lawchat-bm25-postings", daemon=True).start()
+        return self.con.execute(f"SELECT rowid, bm25(articles_fts, {', '.join(map(str, COLUMN_WEIGHTS))}) AS s "
+                                "FROM articles_fts WHERE articles_fts MATCH ? ORDER BY s, rowid LIMIT ?",
+                                (fts_query(terms), limit)).fetchall()
 
     def knowledge_status(self) -> tuple[int, int, int]:
         from .knowledge import status
@@ -561,14 +597,11 @@ class Retriever:
         terms = self.query_terms(question, expand)
         if not terms:
             return []
-        # the best rows first, then their articles: joining before the LIMIT reads every matching article's text
-        # (p50 4.6 -> 2.4 ms, p99 22 -> 14 ms over both question sets on 2 CPU cores)
-        rows = self.con.execute(
-            "SELECT a.law, a.article, f.s, a.text, a.id FROM (SELECT rowid, bm25(articles_fts, 2.0, 1.0) AS s "
-            "FROM articles_fts WHERE articles_fts MATCH ? ORDER BY s LIMIT ?) f JOIN articles a ON a.id = f.rowid "
-            "ORDER BY f.s",
-            (fts_query(terms), max(k, PRIOR_POOL) if prior else k)).fetchall()
-        hits = [Hit(law, article, round(-s, 4), text, i) for law, article, s, text, i in rows]
+        best = self._bm25(terms, max(k, PRIOR_POOL) if prior else k)      # the best rows, then their articles
+        rows = {r[3]: r for r in self.con.execute(
+            f"SELECT law, article, text, id FROM articles WHERE id IN ({','.join('?' * len(best))})",
+            [i for i, _ in best])} if best else {}
+        hits = [Hit(rows[i][0], rows[i][1], round(-s, 4), rows[i][2], i) for i, s in best if i in rows]
         if prior:
             total = sum(LAW_PRIOR.values()) + PRIOR_SMOOTHING
             for h in hits:
