@@ -364,7 +364,8 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true",
                     help="profile: the engine writes its step trace (engine.trace) and each row prints where its first "
                          "tokens' time went (client send, engine arrival, admission, first token) and its steps")
-    ap.add_argument("--trace-out", type=Path, default=None, help="with --trace: keep each mode's raw trace here")
+    ap.add_argument("--trace-out", type=Path, default=None,
+                    help="keep each mode's server log (and with --trace its raw trace) here")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="record the server and engine processes with py-spy (raw stacks, by thread) during the "
                          "largest row's round into DIR")
@@ -450,6 +451,9 @@ def main() -> None:
                     a.trace_out.mkdir(parents=True, exist_ok=True)
                     trace.replace(a.trace_out / f"trace-{mode}.jsonl")
                 log = (Path(tmp) / "server.log").read_text()
+                if a.trace_out:     # the whole log: a LAWCHAT_PROFILE_STEPS window's kernel table is in it
+                    a.trace_out.mkdir(parents=True, exist_ok=True)
+                    (a.trace_out / f"server-{mode}.log").write_text(log)
                 log_tail += f"[{mode}] " + "".join(ln + "\n" for ln in log.splitlines() if "engine: " in ln) + log[-600:]
     print(f"\ncard: {card} | model: {model_dir} | scenario {a.scenario}, prompt ~{a.prompt_tokens} tokens, "
           f"{a.new_tokens} new tokens "

@@ -12,6 +12,7 @@ import threading
 import time
 
 PROFILE_ENV = "LAWCHAT_PROFILE_STEPS"     # "N" or "N@R": one window of N steps once R sequences run (default 1)
+SETTLE_S = 0.05                           # the profiler's start, before a window's clock runs
 MAX_PROFILE_STEPS = 1000                  # the profiler keeps every kernel of the window in memory (~350 a 6B decode step)
 
 log = logging.getLogger("lawchat.engine")
@@ -36,24 +37,33 @@ def busy_and_gaps(spans: list[tuple[float, float]]) -> tuple[float, float, list[
 
 
 def profile_steps(engine, steps: int, cuda: bool) -> str:
-    """Profile the engine's next `steps` steps (blocks until they ran) -> a summary: wall and GPU busy time a step,
-    the gaps between kernels, the kernels by GPU time. CUDA kernels only: on CPU the steps are counted and nothing
-    is recorded (the profiler, started off the engine thread, sees no CPU ops of it and crashed recording them)."""
-    s0 = engine._steps
+    """Profile the engine's next `steps` steps (blocks until they ran) -> a summary: wall time a step, the share of
+    the window's kernel span the GPU was busy, the gaps between kernels, the kernels by GPU time. CUDA kernels only:
+    on CPU the steps are counted and nothing is recorded (the profiler, started off the engine thread, sees no CPU
+    ops of it and crashed recording them).
+
+    Wall time a step is the engine's own step count over the window's clock time. The kernels recorded are not
+    those of exactly these steps (the profiler needs a while to start recording, and steps run ahead of the GPU):
+    divide their busy time by the steps counted and a step looks shorter than it is. So the GPU's share is taken
+    from the kernels alone (busy over their span), and a step's GPU time is that share of its wall time."""
     if not cuda:
+        s0 = engine._steps
         _wait_steps(engine, s0 + steps)
         return f"profiler window: {engine._steps - s0} steps, no kernels recorded (the window records CUDA kernels)"
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time.sleep(SETTLE_S)                       # recording has begun before the clock starts
+        s0, t0 = engine._steps, time.perf_counter()
         _wait_steps(engine, s0 + steps)
-    n = max(1, engine._steps - s0)
+        n, wall = max(1, engine._steps - s0), time.perf_counter() - t0
     busy, span, gaps = busy_and_gaps([(e.time_range.start, e.time_range.end) for e in prof.events()
                                       if e.device_type.name == "CUDA"])
     if not span:
         return f"profiler window: {n} steps, no kernels recorded"
     big = [g for g in gaps if g > 50]
-    return (f"profiler window: {n} steps, wall (first to last kernel) {span / 1e3:.2f} ms = {span / n / 1e3:.2f} ms a "
-            f"step; GPU busy {busy / 1e3:.2f} ms = {busy / n / 1e3:.2f} ms a step ({busy / span:.0%}); gaps > 50 us: "
+    share = busy / span
+    return (f"profiler window: {n} steps in {wall * 1e3:.1f} ms = {wall / n * 1e3:.2f} ms a step; GPU busy {share:.0%} "
+            f"of the kernels' span ({span / 1e3:.1f} ms) = {share * wall / n * 1e3:.2f} ms a step; gaps > 50 us: "
             f"{len(big)}, their sum {sum(big) / 1e3:.2f} ms; largest {[round(g) for g in sorted(gaps)[-5:]]} us\n"
             + prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
 
