@@ -3,8 +3,8 @@
     python scripts/bench_gemm.py [--rows 1,64,128,256,512]          # ChatGLM3-6B's shapes (GLM6B)
     python scripts/bench_gemm.py --rows 128,256 --variants         # + transposed weights, cuBLASLt, Triton
 
-Each GEMM is replayed from a CUDA graph, as the engine runs them. A decode step of 256 rows is compute-bound (scripts/profile_engine.py: the GPU ~96% busy, GEMMs ~80% of it). This
-prints each GEMM's time and rate against two bounds measured in the same run: the card's bf16 matmul rate on 8192^3
+Each GEMM is replayed from a CUDA graph, as the engine runs them. A decode step of 256 rows is compute-bound
+(scripts/profile_engine.py: the GPU ~96% busy, GEMMs ~75% of it). This prints each GEMM's time and rate against two bounds measured in the same run: the card's bf16 matmul rate on 8192^3
 products and its copy bandwidth reading the weight once; then the whole step's GEMMs (every layer and the LM head)
 against the same bounds — how far cuBLAS is from the card at these shapes.
 """
