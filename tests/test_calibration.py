@@ -62,11 +62,11 @@ def test_a_fused_calibration_learns_from_the_two_rankings_agreeing():
     assert not scores_only.uses_ranks and not scores_only.target_met     # the scores alone cannot reach it
 
 
-def test_calibrated_threshold_raises_held_out_citation_precision(tmp_path):
+def test_calibrated_threshold_raises_held_out_citation_precision(real_index, tmp_path):
     """Fitted on the tuning set of the real statute index, judged on the held-out set it never saw."""
-    from lawchat_trainer.demo_corpus import find_laws_db
+    import shutil
     index = tmp_path / "laws.sqlite"
-    build_index(index, find_laws_db())
+    shutil.copy(real_index.path, index)                  # all current law; calibrate writes into its copy
     out = subprocess.run([str(BIN / "lawchat"), "calibrate", str(index), str(TUNING)], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr

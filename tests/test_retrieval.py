@@ -69,14 +69,6 @@ def test_everyday_words_find_the_statute_words(laws_db, tmp_path, question, want
     assert (ret.search(question, 1)[0].law, ret.search(question, 1)[0].article) == want
 
 
-@pytest.fixture(scope="module")
-def real_index(tmp_path_factory):
-    from lawchat_trainer.demo_corpus import find_laws_db
-    path = tmp_path_factory.mktemp("real") / "laws.sqlite"
-    build_index(path, find_laws_db())
-    return Retriever(path)
-
-
 @pytest.mark.parametrize("question,want", [
     ("喝醉开车会判刑吗？", ("道路交通安全法", "第九十一条")),
     ("公司拖欠工资三个月了，我该怎么办？", ("劳动合同法", "第三十条")),
