@@ -449,18 +449,20 @@ class Retriever:
 
     def _load_postings(self) -> None:
         """Read the FTS5 postings into memory (bm25.py), unless another thread is at it; FTS5 answers meanwhile."""
-        from .bm25 import load_postings
+        from .bm25 import build_postings, read_instances
         if not self._postings_lock.acquire(blocking=False):
             return
         con = self.con
         try:
-            con.execute("BEGIN")                 # the version and the postings from one snapshot of the file
+            con.execute("BEGIN")      # the version and the instances from one snapshot; a writer waits ~0.3 s at most
             try:
                 version = self.version()
-                if self._postings is None or self._postings[1] != version:
-                    self._postings = (load_postings(con, "articles_fts", COLUMN_WEIGHTS), version)
+                raw = read_instances(con, "articles_fts") if self._postings is None or \
+                    self._postings[1] != version else None
             finally:
                 con.execute("COMMIT")
+            if raw is not None:
+                self._postings = (build_postings(raw, COLUMN_WEIGHTS), version)
         finally:
             self._postings_lock.release()
 

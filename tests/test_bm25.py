@@ -83,10 +83,12 @@ def small_index(tmp_path):
 
 
 def wait_for_postings(ret: Retriever) -> None:
+    """Until the postings hold the index's version (requests start the re-read: one is sent while they lag)."""
     deadline = time.monotonic() + 30
     while ret._postings[1] != ret.version():
         assert time.monotonic() < deadline, "the postings were not re-read after the change"
-        time.sleep(0.01)
+        ret.search("年终奖", 1)
+        time.sleep(0.05)
 
 
 def test_an_added_document_is_found_by_the_next_search_and_after_the_postings_catch_up(small_index):
@@ -104,3 +106,28 @@ def test_an_added_document_is_found_by_the_next_search_and_after_the_postings_ca
     wait_for_postings(ret)
     assert "本所备忘录" not in {h.law for h in ret.search(question, 3, prior=False)}
 
+
+
+def test_a_slow_postings_build_keeps_no_lock_on_the_index(small_index, monkeypatch):
+    """The postings are counted after the read transaction ends: a writer (AddDocuments) and the requests queued
+    behind it never wait for the numpy half (fault injection: a build that takes 4 s)."""
+    import threading
+
+    import lawchat_server.bm25 as bm25
+    from lawchat_server.knowledge import Document, add_documents
+    ret = Retriever(small_index)
+    building, real = threading.Event(), bm25.build_postings
+
+    def slow_build(raw, weights):
+        building.set()
+        time.sleep(4)
+        return real(raw, weights)
+    monkeypatch.setattr(bm25, "build_postings", slow_build)
+    add_documents(small_index, [Document("m1", "本所备忘录", "第1条", "年终奖 按 约定 发放")])
+    assert ret.search("年终奖什么时候发放？", 3, prior=False)[0].law == "本所备忘录"     # FTS5, and a re-read begins
+    assert building.wait(10)
+    t0 = time.monotonic()
+    add_documents(small_index, [Document("m2", "本所备忘录", "第2条", "加班费 按 约定 发放")])
+    assert "第2条" in {h.article for h in ret.search("加班费怎么发放？", 3, prior=False)}
+    assert time.monotonic() - t0 < 2
+    wait_for_postings(ret)
