@@ -447,13 +447,12 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(60)
-                if a.trace and a.trace_out and trace.is_file():
-                    a.trace_out.mkdir(parents=True, exist_ok=True)
-                    trace.replace(a.trace_out / f"trace-{mode}.jsonl")
                 log = (Path(tmp) / "server.log").read_text()
-                if a.trace_out:     # the whole log: a LAWCHAT_PROFILE_STEPS window's kernel table is in it
+                if a.trace_out:     # the whole log (a LAWCHAT_PROFILE_STEPS window's kernel table), the raw trace
                     a.trace_out.mkdir(parents=True, exist_ok=True)
                     (a.trace_out / f"server-{mode}.log").write_text(log)
+                    if a.trace and trace.is_file():
+                        trace.replace(a.trace_out / f"trace-{mode}.jsonl")
                 log_tail += f"[{mode}] " + "".join(ln + "\n" for ln in log.splitlines() if "engine: " in ln) + log[-600:]
     print(f"\ncard: {card} | model: {model_dir} | scenario {a.scenario}, prompt ~{a.prompt_tokens} tokens, "
           f"{a.new_tokens} new tokens "
