@@ -271,6 +271,9 @@ def trace_breakdown(r: dict, records: list[dict]) -> str:
                    f"{q(sorted(b['step'] - a['step'] for a, b in zip(steps, steps[1:]) if a in dec), .5) * 1e3:.2f} ms; "
                    f"engine thread a step: schedule {mean('schedule_ms'):.2f}, launch {mean('launch_ms'):.2f}, finish "
                    f"(incl. the wait for ids) {mean('finish_ms'):.2f} ms")
+    if steps and "cuda_mallocs" in steps[0]:   # the caching allocator: a retry waited for the whole device
+        out.append(f"  allocator during the round: {steps[-1]['cuda_mallocs'] - steps[0]['cuda_mallocs']} cudaMalloc "
+                   f"calls, {steps[-1]['alloc_retries'] - steps[0]['alloc_retries']} retries (cache flushes)")
     if gaps:
         out.append(f"  step-to-step p50 {q(sorted(gaps), .5) * 1e3:.2f} / p99 {q(sorted(gaps), .99) * 1e3:.2f} ms over "
                    f"{len(steps)} steps")

@@ -333,3 +333,34 @@ def test_full_warm_up_covers_mixed_steps_and_changes_no_answer(glm_model):
         assert plain.warmup() == {"warmup": "minimal"}                # auto on CPU: only the runner's own
     finally:
         plain.stop()
+
+
+def test_padded_mixed_steps_change_no_answer(glm_model):
+    """On CUDA a mixed step's rows are padded to a multiple of ROW_MULTIPLE with scratch rows (so its GEMMs meet
+    only the row counts warmed before serving). Forced on here: every mixed step's row count is a multiple of 32,
+    and greedy answers still equal HF's, through chunked prefill, mixed steps and a prefix hit."""
+    prompts, lens = prompts_and_lens(8, seed=12)
+    prompts.append(prompts[0] + [7, 8, 9])                 # its first blocks come from the prefix cache
+    lens.append(12)
+    engine = Engine(load_runner(glm_model, device="cpu", config=EngineConfig(max_num_seqs=4, max_prefill_tokens=24,
+                                                                                block_size=16)))
+    runner = engine.runner
+    runner.row_multiple = 32
+    seen, forward = [], runner.model.forward
+
+    def spy(ids, positions, cache, meta, *args, **kw):
+        if meta.prefill is not None:
+            seen.append((ids.shape[0], meta.num_prefill_tokens))
+        return forward(ids, positions, cache, meta, *args, **kw)
+    runner.model.forward = spy
+    engine.start()
+    try:
+        outs = run_engine(engine, [GenerationRequest(p, GREEDY, n, ignore_eos=True) for p, n in zip(prompts, lens)],
+                          delays=[0.01 * i for i in range(len(prompts))])
+        hits = engine.stats().prefix_cache_hits
+    finally:
+        engine.stop()
+    assert [o.token_ids for o in outs] == hf_greedy(glm_model, prompts, lens)
+    assert seen and all(rows % 32 == 0 for rows, _ in seen)
+    assert any(rows > n for rows, n in seen)               # scratch rows were added
+    assert hits > 0

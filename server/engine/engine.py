@@ -359,6 +359,7 @@ class Engine:
         if mode != "full":
             return {"warmup": mode}
         t0 = time.perf_counter()
+        gemms = self._in_loop(self.runner.warm_gemms) if hasattr(self.runner, "warm_gemms") else {}
         rng = random.Random(0)
         longest = min(self.max_len - 9, 2 * self.config.max_prefill_tokens + 7)
         lengths = sorted({n for n in (7, 33, 128, 512, 900, 1500, longest) if n <= longest})
@@ -388,9 +389,10 @@ class Engine:
         served = asyncio.run(run())
         self.blocks.prefix_queries = self.blocks.prefix_hits = 0
         info = {"warmup": "full", "requests": served, "prompt_lengths": lengths,
-                "steps": self._steps - steps, "seconds": round(time.perf_counter() - t0, 2)}
-        log.info("warm-up: %d requests (prompts of %s tokens, 4 sampling paths, stop strings) in %d steps, %.2f s",
-                 info["requests"], lengths, info["steps"], info["seconds"])
+                "steps": self._steps - steps, "seconds": round(time.perf_counter() - t0, 2), **gemms}
+        log.info("warm-up: %d requests (prompts of %s tokens, 4 sampling paths, stop strings) in %d steps, %.2f s "
+                 "(the projections at every row count up to %s: %s s)", info["requests"], lengths, info["steps"],
+                 info["seconds"], gemms.get("gemm_row_counts", "-"), gemms.get("gemm_seconds", "-"))
         return info
 
     # -- caller side ---------------------------------------------------------------------------------
@@ -503,8 +505,8 @@ class Engine:
         self._trace.write(json.dumps({
             "step": time.monotonic() - (time.perf_counter() - t0), "schedule_ms": ms(t0, t1), "launch_ms": ms(t1, t2),
             "finish_ms": ms(t2, t3), "prefill_seqs": len(step.prefill), "prefill_tokens": sum(n for _, n in step.prefill),
-            "decode": len(step.decode), "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running)})
-            + "\n")
+            "decode": len(step.decode), "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+            **self.runner.allocator_counters()}) + "\n")
 
     def _launch(self, step):
         """Start the step on the runner and account for it at once: computed tokens advance, and each sampled

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..prompt import check_template, encode_prompt
 from .attention import AttentionMetadata, PrefillBatch
@@ -54,6 +55,8 @@ log = logging.getLogger("lawchat.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BGMV_PREFILL_ROWS = 256    # a step with up to this many prompt rows adds their adapters with the BGMV kernels too
                            # (one launch per projection instead of several small matmuls per prompt chunk)
+ROW_MULTIPLE = 32       # CUDA: a mixed step's rows are padded to a multiple of this (scratch rows after its decode
+                        # rows), so its GEMMs meet only the row counts warm_gemms ran before serving
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -157,6 +160,14 @@ class BaseRunner:
     def release(self, seq: Sequence) -> None:
         """seq left the running set (finished, cancelled, preempted)."""
 
+    def allocator_counters(self) -> dict[str, int]:
+        """For the step trace: the CUDA caching allocator's running counts of cudaMalloc calls and of retries
+        (a failed cudaMalloc frees every cached block, which waits for the whole device first)."""
+        if self.device.type != "cuda":
+            return {}
+        st = torch.cuda.memory_stats(self.device)
+        return {"cuda_mallocs": st.get("num_device_alloc", 0), "alloc_retries": st.get("num_alloc_retries", 0)}
+
     def warmup(self) -> None:
         """A short greedy generation so the first request pays no start-up cost (kernels, allocator)."""
         seq = Sequence(self.encode_chat([{"role": "user", "content": "你好"}]), SamplingParams(), 2, seed=0)
@@ -182,6 +193,7 @@ class FastRunner(BaseRunner):
         self.prefix_caching = config.enable_prefix_caching
         self.overlap = config.overlap
         self.last_tokens: torch.Tensor | None = None    # the last launched step's sampled ids, on the device
+        self.row_multiple = ROW_MULTIPLE if device.type == "cuda" else 1
         self.attention_backend = ("triton" if device.type == "cuda" else "torch") if config.attention == "auto" \
             else config.attention
         if self.attention_backend == "triton" and device.type != "cuda":
@@ -229,6 +241,35 @@ class FastRunner(BaseRunner):
                              f"{total / 2**30:.1f}); raise engine.gpu_memory_fraction or use a smaller model")
         return min(n, useful)
 
+    @torch.inference_mode()
+    def warm_gemms(self) -> dict:
+        """The projections at every row count a mixed step can give them (multiples of row_multiple up to
+        max_prefill_tokens + max_num_seqs) and the LM head at every count of sampled rows, once, before serving.
+        cuBLAS meets a new row count with a first call of ~3 ms on the host, and some first calls wait for all
+        the work queued on the GPU: a mixed step of 8,192 prompt rows + n decode rows stalled its launch
+        160-340 ms until the steps before it had finished (H100, the engine alone, 128 x 900-token prompts: TTFT
+        p50 1,536 ms in a shape's first round, 1,362 ms in its second; with this, 1,348 in the first). Eager
+        module loading (CUDA_MODULE_LOADING=EAGER) did not remove those first-call costs. ~1 s on an H100.
+        -> what it ran."""
+        if self.device.type != "cuda":
+            return {}
+        t0 = time.perf_counter()
+        most = self.config.max_prefill_tokens + self.config.max_num_seqs     # the most rows a step has, padded
+        rows = -(-most // self.row_multiple) * self.row_multiple
+        layer, s = self.model.layers[0], self.model.shape
+        projections = [(layer.qkv_w, layer.qkv_b), (layer.o_w, layer.o_b), (layer.gate_up_w, None),
+                       (layer.down_w, None)]
+        inputs = {}
+        for w, b in projections:                       # as forward calls them: F.linear, bias or none
+            x = inputs.setdefault(w.shape[1], torch.zeros(rows, w.shape[1], dtype=self.dtype, device=self.device))
+            for m in range(self.row_multiple, rows + 1, self.row_multiple):
+                F.linear(x[:m], w, b)
+        x = inputs[s.hidden_size]
+        for m in range(1, self.config.max_num_seqs + 1):   # logits: one row per sampled sequence
+            F.linear(x[:m], self.model.lm_head)
+        torch.cuda.synchronize(self.device)
+        return {"gemm_row_counts": rows, "gemm_seconds": round(time.perf_counter() - t0, 2)}
+
     # -- steps -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> StepHandle:
@@ -268,17 +309,18 @@ class FastRunner(BaseRunner):
         table = torch.tensor(seq.block_table[: -(-n // self.block_size)], dtype=torch.int64)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _decode_rows(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host inputs of one decode row per sequence -> ((4, B) int64: ids, positions, slots, context lengths;
-        (B, W) int32 block tables). A decoding sequence holds exactly ceil(len / block_size) blocks; shorter rows
-        are padded with block 0. Built in numpy: torch.tensor of Python lists took ~2x as long (0.55 vs 0.30 ms
-        at 256 rows on 2 CPU cores), on the host path of every step."""
+    def _decode_rows(self, seqs: list[Sequence], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host inputs of one decode row per sequence, then `pad` scratch rows (token 0 at position 0 in block 0,
+        as a graph's padded rows) -> ((4, B + pad) int64: ids, positions, slots, context lengths; (B + pad, W)
+        int32 block tables). A decoding sequence holds exactly ceil(len / block_size) blocks; shorter rows are
+        padded with block 0. Built in numpy: torch.tensor of Python lists took ~2x as long (0.55 vs 0.30 ms at
+        256 rows on 2 CPU cores), on the host path of every step."""
         bs = self.block_size
-        ctx = [len(s) for s in seqs]
-        slots = [s.block_table[(c - 1) // bs] * bs + (c - 1) % bs for s, c in zip(seqs, ctx)]
-        host = np.array([[s.token_ids[-1] for s in seqs], ctx, slots, ctx], dtype=np.int64)
+        ctx = [len(s) for s in seqs] + [1] * pad
+        slots = [s.block_table[(c - 1) // bs] * bs + (c - 1) % bs for s, c in zip(seqs, ctx)] + [0] * pad
+        host = np.array([[s.token_ids[-1] for s in seqs] + [0] * pad, ctx, slots, ctx], dtype=np.int64)
         host[1] -= 1
-        tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
+        tables = np.zeros((len(seqs) + pad, max((len(s.block_table) for s in seqs), default=1)), dtype=np.int32)
         for row, s in zip(tables, seqs):
             row[:len(s.block_table)] = s.block_table
         return torch.from_numpy(host), torch.from_numpy(tables)
@@ -313,8 +355,9 @@ class FastRunner(BaseRunner):
         pb = PrefillBatch(cu[0], cu[1], max(b[1] for b in bounds), max(b[3] for b in bounds), kv_slots, bounds)
         host = torch.tensor([ids, pos, slots], dtype=torch.int64)
         tables = ctx_lens = None
-        if decode:
-            dec, tables = self._decode_rows(decode)
+        pad = -(n_prefill + len(decode)) % self.row_multiple
+        if decode or pad:
+            dec, tables = self._decode_rows(decode, pad)
             rows += range(n_prefill, n_prefill + len(decode))
             host = torch.cat([host, dec[:3]], dim=1)
             tables, ctx_lens = self.to_device(tables), self.to_device(dec[3].to(torch.int32))
@@ -323,20 +366,21 @@ class FastRunner(BaseRunner):
             self._fill_pending(host[0, n_prefill:], self._pending_ids(decode))
         meta = AttentionMetadata(slot_mapping=host[2], prefill=pb, num_prefill_tokens=n_prefill, block_tables=tables,
                                  context_lens=ctx_lens, use_triton=self.attention_backend == "triton",
-                                 num_splits=self._splits(len(decode)) if decode else 1)
+                                 num_splits=self._splits(len(decode) + pad) if decode or pad else 1)
         logits = self.model.forward(host[0], host[1], self.kv_cache, meta,
                                     self.to_device(torch.tensor(rows, dtype=torch.int64)),
-                                    self._lora_batch(chunks, decode, n_prefill))
+                                    self._lora_batch(chunks, decode, n_prefill, pad))
         return logits, sampled + decode
 
-    def _lora_batch(self, chunks: list[tuple[Sequence, int]], decode: list[Sequence], n_prefill: int):
-        """The rows' adapter slots: prefill chunks as torch segments; decode rows through the Triton kernels on
-        CUDA (segments elsewhere). None when no row of the step uses an adapter."""
+    def _lora_batch(self, chunks: list[tuple[Sequence, int]], decode: list[Sequence], n_prefill: int, pad: int = 0):
+        """The rows' adapter slots: prefill chunks as torch segments; decode rows (and `pad` scratch rows after
+        them, no adapter) through the Triton kernels on CUDA (segments elsewhere). None when no row of the step
+        uses an adapter."""
         if self.lora is None or not any(s.adapter for s, _ in chunks) and not any(s.adapter for s in decode):
             return None
         if self.device.type == "cuda" and n_prefill <= BGMV_PREFILL_ROWS:   # few prompt rows: all rows by the kernels
             slots = [s.adapter.slot if s.adapter is not None else -1 for s, n in chunks for _ in range(n)]
-            rows = self.to_device(torch.tensor(slots + self._slots_of(decode), dtype=torch.int32))
+            rows = self.to_device(torch.tensor(slots + self._slots_of(decode) + [-1] * pad, dtype=torch.int32))
             return LoraBatch(self.lora, [], rows, 0)
         segs, start = [], 0
         for seq, n in chunks:
@@ -344,8 +388,8 @@ class FastRunner(BaseRunner):
                 segs.append((start, start + n, seq.adapter.slot, frozenset(seq.adapter.weights)))
             start += n
         rows = None
-        if decode and self.device.type == "cuda":
-            rows = self.to_device(torch.tensor(self._slots_of(decode), dtype=torch.int32))
+        if (decode or pad) and self.device.type == "cuda":
+            rows = self.to_device(torch.tensor(self._slots_of(decode) + [-1] * pad, dtype=torch.int32))
         elif decode:
             segs += segments_of(self._slots_of(decode), [s.adapter for s in decode], n_prefill)
         return LoraBatch(self.lora, segs, rows, n_prefill)
