@@ -41,7 +41,8 @@ CHECK = textwrap.dedent('''
     gu = torch.randn(3, 2 * 300)
     assert torch.allclose(triton_ops.silu_mul(gu), silu_mul(gu), atol=1e-5), "silu_mul"
 
-    for heads, kvh, d, rd, inter in ((4, 2, 32, 16, True), (4, 2, 32, 32, False), (2, 1, 16, 8, True)):
+    for heads, kvh, d, rd, inter in ((4, 2, 32, 16, True), (4, 2, 32, 32, False), (2, 1, 16, 8, True),
+                                     (10, 2, 16, 8, True), (12, 3, 16, 16, False)):   # heads over 8 programs
         shape = ModelShape(0, 0, 0, heads, kvh, d, 1e-5, rd, inter)
         t = 6
         qkv = torch.randn(t, (heads + 2 * kvh) * d)
