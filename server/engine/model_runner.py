@@ -300,9 +300,6 @@ class FastRunner(BaseRunner):
         if pending is not None:
             ids.index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
 
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def _context_slots(self, seq: Sequence, n: int) -> torch.Tensor:
         """Cache slots of positions [0, n) of seq (its cached prefix), on the host."""
         pos = torch.arange(n)
@@ -326,34 +323,38 @@ class FastRunner(BaseRunner):
         return torch.from_numpy(host), torch.from_numpy(tables)
 
     def _mixed(self, chunks: list[tuple[Sequence, int]], decode: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Prefill chunks (rows first) and decode rows (one per sequence, after them) in one forward pass."""
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
+        """Prefill chunks (rows first) and decode rows (one per sequence, after them) in one forward pass. A chunk's
+        ids, positions and cache slots are built in numpy (per-token Python took 2.2 ms of host time for 9 x 900
+        prompt rows on 2 CPU cores, numpy 0.3 ms)."""
+        parts: list[np.ndarray] = []                       # (3, n) per chunk: ids, positions, slots
+        n_rows = 0
         rows: list[int] = []
         sampled: list[Sequence] = []
         bounds: list[tuple[int, int, int, int]] = []       # (q_start, q_len, k_start, k_len) per chunk
         any_context = any(seq.num_computed for seq, _ in chunks)
         kv_parts: list[torch.Tensor] = []                  # only when some chunk continues cached context
         k_total = 0
+        bs = self.block_size
         for seq, n in chunks:
             start = seq.num_computed
-            bounds.append((len(ids), n, k_total, start + n))
+            bounds.append((n_rows, n, k_total, start + n))
             k_total += start + n
-            ids += seq.token_ids[start:start + n]
-            pos += range(start, start + n)
+            n_rows += n
+            p = np.arange(start, start + n)
+            table = np.asarray(seq.block_table[start // bs: -(-(start + n) // bs)], dtype=np.int64)
+            parts.append(np.stack([np.asarray(seq.token_ids[start:start + n], dtype=np.int64), p,
+                                   table[p // bs - start // bs] * bs + p % bs]))
             if any_context:
                 kv_parts.append(self._context_slots(seq, start + n))
-            slots += [self._slot(seq, p) for p in range(start, start + n)]
             if start + n == len(seq):
-                rows.append(len(ids) - 1)
+                rows.append(n_rows - 1)
                 sampled.append(seq)
-        n_prefill = len(ids)
+        n_prefill = n_rows
         cu = self.to_device(torch.tensor([[b[0] for b in bounds] + [n_prefill], [b[2] for b in bounds] + [k_total]],
                                          dtype=torch.int32))
         kv_slots = self.to_device(torch.cat(kv_parts)) if any_context else None
         pb = PrefillBatch(cu[0], cu[1], max(b[1] for b in bounds), max(b[3] for b in bounds), kv_slots, bounds)
-        host = torch.tensor([ids, pos, slots], dtype=torch.int64)
+        host = torch.from_numpy(np.concatenate(parts, axis=1))
         tables = ctx_lens = None
         pad = -(n_prefill + len(decode)) % self.row_multiple
         if decode or pad:
