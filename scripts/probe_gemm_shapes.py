@@ -1,10 +1,11 @@
-"""probe_gemm_shapes: host time of the first F.linear call at each row count (the step's GEMM shapes).
+"""probe_gemm_shapes: host time of the first F.linear call at each row count (the engine's GEMM shapes).
 
-    python scripts/probe_gemm_shapes.py --rows 8192:8448 [--hidden 4096 --outs 4608,4096,27392,65024 --ins ...]
+    python scripts/probe_gemm_shapes.py --rows 8100:8460 [--shapes 4608x4096,4096x4096,27392x4096,4096x13696]
 
-A first call that loads a CUDA module (CUDA_MODULE_LOADING=LAZY, the default) takes milliseconds on the host,
-and on a busy GPU waits for the work queued before it. Prints the row counts whose first call took over
---slow-ms, per weight shape, and the same rows' second call.
+cuBLAS's first call at some new row counts takes milliseconds on the host, and on a busy GPU it waits for the work
+queued before it (what FastRunner.warm_gemms runs ahead of serving). Prints, per weight shape, the row counts whose
+first call took over --slow-ms, with the second call's time. Run it with CUDA_MODULE_LOADING=EAGER to compare (on an
+H100 the same calls stayed slow).
 """
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from lawchat_server.engine.config import EngineConfig
 from lawchat_server.engine.engine import Engine, GenerationRequest
 from lawchat_server.engine.engine_process import _PipeSink
@@ -134,7 +136,6 @@ def main() -> None:
     engine.warmup()
     used = ""
     if a.device == "cuda":
-        import torch
         free, total = torch.cuda.mem_get_info()
         used = f", GPU memory in use {(total - free) / 2**30:.1f} GiB"
     print(f"start: load {t_warm - t_load:.1f} s, warm-up {time.perf_counter() - t_warm:.1f} s{used}", flush=True)
@@ -160,7 +161,6 @@ def main() -> None:
 
     run(requests(min(streams[0], 16), shapes[0][1]))        # warm: connections of the loop, shapes
     if a.sync_debug:
-        import torch
         torch.cuda.set_sync_debug_mode("warn")
     plan = [(f"round {i + 1}", False) for i in range(a.rounds)] + ([("profiled round", True)] if a.window else [])
     for (n_streams, length), (name, prof_on) in ((shape, p) for shape in shapes for p in plan):

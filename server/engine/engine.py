@@ -359,7 +359,7 @@ class Engine:
         if mode != "full":
             return {"warmup": mode}
         t0 = time.perf_counter()
-        gemms = self._in_loop(self.runner.warm_gemms) if hasattr(self.runner, "warm_gemms") else {}
+        gemms = self._in_loop(self.runner.warm_gemms)
         rng = random.Random(0)
         longest = min(self.max_len - 9, 2 * self.config.max_prefill_tokens + 7)
         lengths = sorted({n for n in (7, 33, 128, 512, 900, 1500, longest) if n <= longest})

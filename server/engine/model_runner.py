@@ -168,6 +168,10 @@ class BaseRunner:
         st = torch.cuda.memory_stats(self.device)
         return {"cuda_mallocs": st.get("num_device_alloc", 0), "alloc_retries": st.get("num_alloc_retries", 0)}
 
+    def warm_gemms(self) -> dict:
+        """The fast path runs its GEMM shapes before serving (FastRunner.warm_gemms); nothing here."""
+        return {}
+
     def warmup(self) -> None:
         """A short greedy generation so the first request pays no start-up cost (kernels, allocator)."""
         seq = Sequence(self.encode_chat([{"role": "user", "content": "你好"}]), SamplingParams(), 2, seed=0)
@@ -300,11 +304,11 @@ class FastRunner(BaseRunner):
         if pending is not None:
             ids.index_copy_(0, pending[0], self.last_tokens.index_select(0, pending[1]))
 
-    def _context_slots(self, seq: Sequence, n: int) -> torch.Tensor:
-        """Cache slots of positions [0, n) of seq (its cached prefix), on the host."""
-        pos = torch.arange(n)
-        table = torch.tensor(seq.block_table[: -(-n // self.block_size)], dtype=torch.int64)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slots(self, seq: Sequence, n: int) -> np.ndarray:
+        """Cache slots of positions [0, n) of seq, on the host."""
+        bs = self.block_size
+        pos = np.arange(n)
+        return np.asarray(seq.block_table[: -(-n // bs)], dtype=np.int64)[pos // bs] * bs + pos % bs
 
     def _decode_rows(self, seqs: list[Sequence], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Host inputs of one decode row per sequence, then `pad` scratch rows (token 0 at position 0 in block 0,
@@ -332,27 +336,25 @@ class FastRunner(BaseRunner):
         sampled: list[Sequence] = []
         bounds: list[tuple[int, int, int, int]] = []       # (q_start, q_len, k_start, k_len) per chunk
         any_context = any(seq.num_computed for seq, _ in chunks)
-        kv_parts: list[torch.Tensor] = []                  # only when some chunk continues cached context
+        kv_parts: list[np.ndarray] = []                    # only when some chunk continues cached context
         k_total = 0
-        bs = self.block_size
         for seq, n in chunks:
             start = seq.num_computed
             bounds.append((n_rows, n, k_total, start + n))
             k_total += start + n
             n_rows += n
-            p = np.arange(start, start + n)
-            table = np.asarray(seq.block_table[start // bs: -(-(start + n) // bs)], dtype=np.int64)
-            parts.append(np.stack([np.asarray(seq.token_ids[start:start + n], dtype=np.int64), p,
-                                   table[p // bs - start // bs] * bs + p % bs]))
+            context = self._slots(seq, start + n)         # the chunk's slots are its tail
             if any_context:
-                kv_parts.append(self._context_slots(seq, start + n))
+                kv_parts.append(context)
+            parts.append(np.stack([np.asarray(seq.token_ids[start:start + n], dtype=np.int64),
+                                   np.arange(start, start + n), context[start:]]))
             if start + n == len(seq):
                 rows.append(n_rows - 1)
                 sampled.append(seq)
         n_prefill = n_rows
         cu = self.to_device(torch.tensor([[b[0] for b in bounds] + [n_prefill], [b[2] for b in bounds] + [k_total]],
                                          dtype=torch.int32))
-        kv_slots = self.to_device(torch.cat(kv_parts)) if any_context else None
+        kv_slots = self.to_device(torch.from_numpy(np.concatenate(kv_parts))) if any_context else None
         pb = PrefillBatch(cu[0], cu[1], max(b[1] for b in bounds), max(b[3] for b in bounds), kv_slots, bounds)
         host = torch.from_numpy(np.concatenate(parts, axis=1))
         tables = ctx_lens = None
