@@ -10,15 +10,18 @@ ms per layer call, TFLOP/s (causal FLOPs only), max abs error vs the reference.
 
 What it showed (NVIDIA H100 80GB, torch 2.11.0+cu130, cuDNN 9.19, commit fa0dc32 + this script): FlashAttention-2
 varlen 0.22-0.50 ms a layer (150-275 TFLOP/s), exact to bf16 in every shape; cuDNN's varlen op 48-55 ms a call
-(about 100x slower: it rebuilds its plan every call) and wrong wherever a chunk continues cached context (max abs
-error ~4: its causal mask is aligned top-left). So the engine keeps FlashAttention-2.
+(about 100x slower; why was not looked into) and wrong wherever a chunk continues cached context (max abs error ~4,
+while chunks without cached context match: its causal mask looks aligned top-left). So the engine keeps
+FlashAttention-2.
 """
 from __future__ import annotations
 
 import argparse
+from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
+
+from lawchat_server.engine.attention import PrefillBatch, varlen_causal
 
 HEADS, KV_HEADS, D = 32, 2, 128
 
@@ -38,42 +41,29 @@ def causal_flops(chunks: list[tuple[int, int]]) -> float:
     return 4.0 * HEADS * D * pairs
 
 
-def make_inputs(chunks: list[tuple[int, int]], dev: str) -> tuple:
+def make_inputs(chunks: list[tuple[int, int]], dev: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                PrefillBatch]:
     """q: (Tq, H, D) view of a fused qkv; k/v: (Tk, kvh, D) views of a fused kv (the gathered-context case)."""
     tq, tk = sum(q for q, _ in chunks), sum(k for _, k in chunks)
     qkv = torch.randn(tq, (HEADS + 2 * KV_HEADS) * D, device=dev, dtype=torch.bfloat16)
     kv = torch.randn(tk, 2 * KV_HEADS * D, device=dev, dtype=torch.bfloat16)
     q = qkv[:, :HEADS * D].view(tq, HEADS, D)
     k, v = (t.view(tk, KV_HEADS, D) for t in kv.split([KV_HEADS * D] * 2, dim=-1))
-    cu_q = torch.tensor([0] + [sum(c[0] for c in chunks[:i + 1]) for i in range(len(chunks))], device=dev,
-                        dtype=torch.int32)
-    cu_k = torch.tensor([0] + [sum(c[1] for c in chunks[:i + 1]) for i in range(len(chunks))], device=dev,
-                        dtype=torch.int32)
-    return q, k, v, cu_q, cu_k, max(c[0] for c in chunks), max(c[1] for c in chunks)
+    q_starts = list(accumulate((c[0] for c in chunks), initial=0))
+    k_starts = list(accumulate((c[1] for c in chunks), initial=0))
+    cu = torch.tensor([q_starts, k_starts], device=dev, dtype=torch.int32)
+    bounds = [(qs, ql, ks, kl) for qs, ks, (ql, kl) in zip(q_starts, k_starts, chunks)]
+    pb = PrefillBatch(cu[0], cu[1], max(c[0] for c in chunks), max(c[1] for c in chunks), None, bounds)
+    return q, k, v, pb
 
 
-def reference(q, k, v, chunks) -> torch.Tensor:
-    out, qs, ks = torch.empty_like(q, dtype=torch.float32), 0, 0
-    for ql, kl in chunks:
-        qi = q[qs:qs + ql].float().transpose(0, 1)[None]
-        ki, vi = (x[ks:ks + kl].float().transpose(0, 1)[None] for x in (k, v))
-        mask = torch.arange(kl, device=q.device)[None, :] <= torch.arange(kl - ql, kl, device=q.device)[:, None]
-        out[qs:qs + ql] = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask[None, None],
-                                                         enable_gqa=True)[0].transpose(0, 1)
-        qs, ks = qs + ql, ks + kl
-    return out
+def cudnn(q, k, v, pb: PrefillBatch) -> torch.Tensor:
+    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, pb.cu_q, pb.cu_k, pb.max_q, pb.max_k, False,
+                                                   0.0, True)[0]
 
 
-def flash(q, k, v, cu_q, cu_k, mq, mk):
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, mq, mk, 0.0, True, False)[0]
-
-
-def cudnn(q, k, v, cu_q, cu_k, mq, mk):
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, mq, mk, False, 0.0, True)[0]
-
-
-def cudnn_contiguous(q, k, v, cu_q, cu_k, mq, mk):
-    return cudnn(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, mq, mk)
+def cudnn_contiguous(q, k, v, pb: PrefillBatch) -> torch.Tensor:
+    return cudnn(q.contiguous(), k.contiguous(), v.contiguous(), pb)
 
 
 def time_ms(fn, iters: int) -> float:
@@ -96,10 +86,11 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · cuDNN {torch.backends.cudnn.version()}")
     print("| shape | op | ms / layer | TFLOP/s | max abs err vs fp32 |")
     print("|---|---|---|---|---|")
-    ops = {"flash-2 varlen": flash, "cudnn varlen (views)": cudnn, "cudnn varlen (contiguous)": cudnn_contiguous}
+    ops = {"flash-2 varlen (the engine's varlen_causal)": varlen_causal, "cudnn varlen (views)": cudnn, "cudnn varlen (contiguous)": cudnn_contiguous}
     for name, chunks in shape_sets().items():
         args = make_inputs(chunks, "cuda")
-        ref = reference(*args[:3], chunks)
+        q, k, v, pb = args
+        ref = varlen_causal(q.float(), k.float(), v.float(), pb)     # fp32: the engine's per-chunk SDPA path
         flops = causal_flops(chunks)
         for op_name, op in ops.items():
             try:
